@@ -1,0 +1,129 @@
+"""Load balancing: auxiliary losses and the auxiliary-loss-free expert bias.
+
+Legend: T tokens, E experts, K experts per token, S routed pairs.
+
+Losses (all return an unscaled scalar; routers multiply by their coefficient):
+
+* ``switch_loss`` -- Switch Transformer / GShard load-balancing loss (Fedus et al. 2021, arXiv:2101.03961,
+  eq. 4; Lepikhin et al. 2020, arXiv:2006.16668): ``E * sum_e f_e * P_e`` with ``f_e`` the fraction of the
+  ``S`` assignments that went to expert ``e`` and ``P_e`` the mean routing probability of ``e``. It equals 1
+  for perfectly uniform routing (Megatron-Core's normalisation; Hugging Face's ``load_balancing_loss_func``
+  is ``K`` times this).
+* ``sequence_loss`` -- the same quantity computed per sequence and averaged (DeepSeek-V3, arXiv:2412.19437,
+  eqs. 17-20, "complementary sequence-wise auxiliary loss").
+* global-batch loss -- ``f`` taken over all micro-batches of the optimiser step so far (Qiu et al. 2025,
+  "Demons in the Detail", arXiv:2501.11873); see :class:`LoadAccumulator`.
+* ``z_loss`` -- router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE, Zoph et al. 2022, arXiv:2202.08906,
+  eq. 5).
+
+Auxiliary-loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
+Mixture-of-Experts", arXiv:2408.15664, Algorithm 1): a per-expert bias ``b`` is added to the scores for
+top-k *selection only*; after each optimiser step ``b_e += u * sign(mean_load - load_e)``. Han & Zhong 2025
+("A Theoretical Framework for Auxiliary-Loss-Free Load Balancing of Sparse Mixture-of-Experts") read the
+same update as a dual (price) step ``b_e += eps_k * (L - A_e)``; the sign rule is ``eps_k = u / |L - A_e|``.
+``bias_step`` offers ``sign``, ``proportional`` (constant ``eps = u / L``, the load gap measured in units
+of the mean load) and ``decaying`` (``eps_k = u / (L * k)`` at update ``k``, the decaying step the paper's
+online analysis uses; PAPERS.md item 4 marks the exact schedule as a reconstruction).
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "BIAS_RULES",
+    "AUX_LOSSES",
+    "switch_loss",
+    "sequence_loss",
+    "z_loss",
+    "max_violation",
+    "bias_step",
+    "LoadAccumulator",
+]
+
+AUX_LOSSES = ("switch", "sequence", "global")
+BIAS_RULES = ("sign", "proportional", "decaying")
+
+
+def switch_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """``E * sum_e f_e * P_e``: ``f_e = counts_E[e] / sum(counts_E)``, ``P_e = mean_t probs_TE[t, e]``."""
+    num_experts = probs_TE.shape[-1]
+    f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1).to(probs_TE.dtype)
+    P_E = probs_TE.mean(dim=0)
+    return num_experts * torch.dot(f_E, P_E)
+
+
+def sequence_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """Switch loss per sequence, averaged over ``num_sequences`` equal-length sequences (token-major order)."""
+    num_tokens, num_experts = probs_TE.shape
+    seq_len = num_tokens // num_sequences
+    top_k = expert_TK.shape[-1]
+    probs_BLE = probs_TE.reshape(num_sequences, seq_len, num_experts)
+    expert_BX = expert_TK.reshape(num_sequences, seq_len * top_k)
+    counts_BE = torch.zeros(num_sequences, num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
+    counts_BE.scatter_add_(1, expert_BX, torch.ones_like(expert_BX, dtype=probs_TE.dtype))
+    f_BE = counts_BE / (seq_len * top_k)
+    P_BE = probs_BLE.mean(dim=1)
+    return num_experts * (f_BE * P_BE).sum(dim=1).mean()
+
+
+def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
+    """Router z-loss: ``mean_t (logsumexp_e logits[t, e])^2``."""
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+
+
+def max_violation(counts_E: torch.Tensor) -> float:
+    """MaxVio = (max_e load_e - mean load) / mean load; 0 for perfect balance (and for no tokens)."""
+    counts = counts_E.double()
+    mean = counts.mean()
+    if mean <= 0:
+        return 0.0
+    return float((counts.max() - mean) / mean)
+
+
+@torch.no_grad()
+def bias_step(bias_E: torch.Tensor, load_E: torch.Tensor, rule: str, rate: float, step: int) -> torch.Tensor:
+    """One auxiliary-loss-free bias update in place; returns ``bias_E``.
+
+    ``load_E`` is the number of assignments each expert received since the last update, ``step`` the 1-based
+    index of this update (used by ``decaying``).
+    """
+    load = load_E.to(bias_E.dtype)
+    mean = load.mean()
+    gap_E = mean - load
+    if rule == "sign":
+        bias_E.add_(rate * torch.sign(gap_E))
+    elif rule == "proportional":
+        if mean > 0:
+            bias_E.add_(rate * gap_E / mean)
+    elif rule == "decaying":
+        if mean > 0:
+            bias_E.add_((rate / max(step, 1)) * gap_E / mean)
+    else:
+        raise ValueError(f"bias_update must be one of {BIAS_RULES}, got {rule!r}")
+    return bias_E
+
+
+class LoadAccumulator:
+    """Counts assignments per expert across the micro-batches of one optimiser step.
+
+    Serves the global-batch auxiliary loss (``f`` over everything seen since the last step) and the
+    auxiliary-loss-free bias (load since the last update). Under torch.distributed, ``synchronise`` sums the
+    counts over a process group so every rank applies the same update.
+    """
+
+    def __init__(self, num_experts: int):
+        self.counts_E = torch.zeros(num_experts, dtype=torch.float64)
+
+    def add(self, counts_E: torch.Tensor) -> None:
+        if self.counts_E.device != counts_E.device:
+            self.counts_E = self.counts_E.to(counts_E.device)
+        self.counts_E += counts_E.detach().to(torch.float64)
+
+    def reset(self) -> None:
+        self.counts_E.zero_()
+
+    def synchronise(self, group=None) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.counts_E, group=group)

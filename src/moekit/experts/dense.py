@@ -1,0 +1,62 @@
+"""Dense experts: ``E`` feed-forward networks stored as 3-D tensors in the Hugging Face transformers 5 layout.
+
+Legend: E experts, D model width, F expert hidden width, H = 2F for gated activations (else F).
+
+Gated activations (``swiglu``: Shazeer 2020, "GLU Variants Improve Transformer", arXiv:2002.05202;
+``geglu``) keep ``gate_up_proj [E, 2F, D]`` with the gate rows first, exactly as transformers'
+``OlmoeExperts`` / ``MixtralExperts``; ungated ones (``gelu``, ``relu``) keep ``up_proj [E, F, D]``. Both keep
+``down_proj [E, D, F]``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..dispatch.local import GroupedGLUDispatch
+from .activations import get_activation
+from ..dispatch.plan import DispatchPlan
+
+
+class DenseExperts(nn.Module):
+    """``E`` independent FFN experts; ``grouped_forward(x_SD sorted by expert, counts_E) -> y_SD``."""
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
+                 init_std: float = 0.02):
+        super().__init__()
+        self.num_experts = num_experts
+        self.dim = dim
+        self.hidden_dim = hidden_dim
+        self.act = get_activation(activation)
+        self.activation = self.act.name
+        self.gated = self.act.gated
+        up_rows = 2 * hidden_dim if self.gated else hidden_dim
+        up = nn.Parameter(torch.empty(num_experts, up_rows, dim))
+        if self.gated:
+            self.gate_up_proj = up
+        else:
+            self.up_proj = up
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+        nn.init.normal_(up, std=init_std)
+        nn.init.normal_(self.down_proj, std=init_std)
+
+    @property
+    def up_weight(self) -> torch.Tensor:
+        """``[E, H, D]``: ``gate_up_proj`` for gated activations, ``up_proj`` otherwise."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation}"
+
+    def fused_dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Gather, expert FFN, gate weighting and scatter-add in one autograd function."""
+        return GroupedGLUDispatch.apply(x_TD, plan.token_S, plan.weight_S, plan.offsets_E, self.up_weight,
+                                        self.down_proj, self.act)
+
+    def grouped_forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Expert outputs (unweighted) for rows already sorted by expert, ``counts_E`` rows each."""
+        num_rows = x_SD.shape[0]
+        rows_S = torch.arange(num_rows, device=x_SD.device)
+        ones_S = x_SD.new_ones(num_rows)
+        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
+        return GroupedGLUDispatch.apply(x_SD, rows_S, ones_S, offsets_E, self.up_weight, self.down_proj,
+                                        self.act)

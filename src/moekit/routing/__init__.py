@@ -1,0 +1,41 @@
+"""Routers by name: ``moekit.routing.get(name)`` returns a Router class.
+
+Every router is constructed as ``cls(dim=..., num_experts=..., top_k=..., **options)`` and called on
+``x_TD`` (plus an optional :class:`RoutingContext`), returning a :class:`Routing`.
+"""
+from __future__ import annotations
+
+from .base import Router, Routing, RoutingContext
+
+_REGISTRY: dict[str, type[Router]] = {}
+
+
+def register(name: str):
+    """Class decorator: make a Router available as ``moekit.routing.get(name)``."""
+
+    def wrap(cls: type[Router]) -> type[Router]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"router name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def names() -> list[str]:
+    """The registered router names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type[Router]:
+    """The Router class registered as ``name``; ``ValueError`` naming the allowed values otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"router: unknown router {name!r}; allowed: {', '.join(names())}") from None
+
+
+from . import topk as _topk  # noqa: E402,F401  (registers "topk")
+
+__all__ = ["Router", "Routing", "RoutingContext", "get", "names", "register"]
