@@ -19,6 +19,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the MoE layer against its floor and transformers")
     bench.add_arguments(p)
     p.set_defaults(func=bench.main_from_args)
+    from . import commands
+
+    commands.add_train(sub)
+    commands.add_eval(sub)
+    commands.add_generate(sub)
     return parser
 
 
@@ -27,7 +32,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as exc:
         print(f"moekit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

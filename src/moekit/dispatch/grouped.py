@@ -4,8 +4,9 @@ Legend: S rows sorted by expert, E experts, X input width, Y output width.
 
 ``grouped_mm(a_SX, b_EXY, offsets_E)`` multiplies each expert's block of rows by its own matrix;
 ``grouped_wgrad(dy_SY, x_SX, offsets_E)`` returns the per-expert weight gradients ``[E, Y, X]``.
-``torch._grouped_mm`` does the work for float32/bfloat16/float16 (CPU since torch 2.9, CUDA on SM80+); other
-dtypes (float64 in the tests) and older builds use a loop of ``torch.mm`` over the experts.
+``torch._grouped_mm`` does the work on the CPU (float32/bfloat16/float16, torch >= 2.9) and on CUDA (bfloat16,
+SM80+) when strides and data pointers are 16-byte aligned, as both kernels require; everything else (float64 in the tests, float32 on
+CUDA, unaligned widths, older builds) uses a loop of ``torch.mm`` over the experts.
 """
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _HAS_GROUPED_MM = hasattr(torch, "_grouped_mm")
 
 
-def _use_kernel(t: torch.Tensor) -> bool:
-    if not _HAS_GROUPED_MM or t.dtype not in _GROUPED_DTYPES:
+def _aligned(t: torch.Tensor) -> bool:
+    """Data pointer and every stride but the unit one on 16-byte boundaries (the kernels' requirement)."""
+    step = 16 // t.element_size()
+    return t.data_ptr() % 16 == 0 and all(stride % step == 0 for stride in t.stride() if stride != 1)
+
+
+def _use_kernel(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if not _HAS_GROUPED_MM or a.dtype != b.dtype or a.dtype not in _GROUPED_DTYPES:
         return False
-    if t.device.type == "cuda":
-        return torch.cuda.get_device_capability(t.device) >= (8, 0)
-    return t.device.type == "cpu"
+    if not (_aligned(a) and _aligned(b)):
+        return False
+    if a.device.type == "cuda":
+        return a.dtype == torch.bfloat16 and torch.cuda.get_device_capability(a.device) >= (8, 0)
+    return a.device.type == "cpu"
 
 
 def grouped_mm(a_SX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
@@ -30,7 +39,7 @@ def grouped_mm(a_SX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor)
     num_rows = a_SX.shape[0]
     if num_rows == 0:
         return a_SX.new_zeros(0, b_EXY.shape[-1])
-    if _use_kernel(a_SX):
+    if _use_kernel(a_SX, b_EXY):
         return torch._grouped_mm(a_SX, b_EXY, offs=offsets_E)
     out_SY = a_SX.new_empty(num_rows, b_EXY.shape[-1])
     start = 0
@@ -44,7 +53,7 @@ def grouped_mm(a_SX: torch.Tensor, b_EXY: torch.Tensor, offsets_E: torch.Tensor)
 def grouped_wgrad(dy_SY: torch.Tensor, x_SX: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     """``[E, Y, X]``: for each expert, ``dy_e^T @ x_e`` over its rows (zero for experts with no rows)."""
     num_experts = offsets_E.shape[0]
-    if dy_SY.shape[0] > 0 and _use_kernel(dy_SY):
+    if dy_SY.shape[0] > 0 and _use_kernel(dy_SY.t(), x_SX):
         out_EYX = torch._grouped_mm(dy_SY.t(), x_SX, offs=offsets_E)
         if out_EYX.device.type == "cuda":  # empty groups are not written by every CUDA kernel
             counts_E = torch.diff(offsets_E, prepend=offsets_E.new_zeros(1))

@@ -123,3 +123,10 @@ class Router(nn.Module):
     @torch.no_grad()
     def end_step(self) -> None:
         """Called once after each optimiser step (``moekit.end_step(model)``): update balancing state."""
+
+    def balancing_state(self) -> dict:
+        """JSON-safe balancing counters that are not tensors of the state dict (saved in checkpoints)."""
+        return {}
+
+    def load_balancing_state(self, state: dict) -> None:
+        """Restore what :meth:`balancing_state` returned."""

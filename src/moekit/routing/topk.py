@@ -152,7 +152,7 @@ class TopKRouter(Router):
             choice_TE = choice_TE.masked_fill(~mask_TE, float("-inf"))
         topk_ids_TK = torch.topk(choice_TE.detach(), self.top_k, dim=-1).indices
         topk_weights_TK = scores_TE.gather(1, topk_ids_TK)
-        if self.norm_topk and self.top_k > 1:
+        if self.norm_topk:
             topk_weights_TK = topk_weights_TK / (topk_weights_TK.sum(dim=-1, keepdim=True) + 1e-20)
         if self.scaling_factor != 1.0:
             topk_weights_TK = topk_weights_TK * self.scaling_factor
@@ -180,6 +180,12 @@ class TopKRouter(Router):
         if self.z_loss_coef > 0:
             losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits)
         return losses
+
+    def balancing_state(self) -> dict:
+        return {"bias_updates": self._bias_updates}
+
+    def load_balancing_state(self, state: dict) -> None:
+        self._bias_updates = int(state.get("bias_updates", 0))
 
     @torch.no_grad()
     def end_step(self) -> None:

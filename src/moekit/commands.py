@@ -1,0 +1,151 @@
+"""The subcommands of ``moekit``: train, eval, generate (trace and report live beside them)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ train
+def add_train(sub) -> None:
+    from .train import add_config_flags
+
+    p = sub.add_parser("train", help="train the built-in MoE language model (defaults: the stdlib corpus)")
+    p.add_argument("--config", help="TOML file with [model], [moe] and [train] tables")
+    p.add_argument("--data", help="train on your own text file or folder instead of the embedded corpus")
+    p.add_argument("--out", default="runs", help="folder that holds run folders (default ./runs)")
+    p.add_argument("--name", help="run folder name (default: a timestamp)")
+    p.add_argument("--resume", metavar="RUN", help="continue the run folder RUN from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from .train import (NonFiniteLoss, build_configs, new_run_config, read_run_config, read_toml, run_training)
+    from .io import atomic_write_json
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        base = read_run_config(run_dir)
+        flags = [k for k in vars(args) if k.startswith("cfg__")]
+        if args.config or args.data or [f for f in flags if f != "cfg__train__steps"]:
+            raise ValueError("--resume continues a run as configured; only --steps may change")
+        model_cfg, train_cfg = build_configs(args, base)
+        run_config = {**base, "model": model_cfg.to_dict(), "train": vars(train_cfg).copy()}
+        atomic_write_json(run_dir / "config.json", run_config)
+    else:
+        base = read_toml(args.config) if args.config else {}
+        if args.data and not Path(args.data).exists():
+            raise FileNotFoundError(f"--data: {args.data} does not exist")
+        model_cfg, train_cfg = build_configs(args, base)
+        name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
+        run_dir = Path(args.out) / name
+        if run_dir.exists():
+            raise ValueError(f"run folder {run_dir} already exists; choose another --name or --resume it")
+        run_config = new_run_config(model_cfg, train_cfg, str(Path(args.data).resolve()) if args.data else None)
+        run_dir.mkdir(parents=True)
+        atomic_write_json(run_dir / "config.json", run_config)
+    try:
+        run_training(run_dir, run_config, resume=bool(args.resume), log=_err, progress=not args.no_progress)
+    except NonFiniteLoss as exc:
+        _err(f"moekit train: {exc}")
+        return 1
+    except KeyboardInterrupt:
+        _err(f"moekit train: interrupted; checkpoint saved; continue with: moekit train --resume {run_dir}")
+        return 130
+    _err(f"run folder: {run_dir}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ eval
+def add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="validation loss, bits per byte and perplexity, overall and per domain")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", help="evaluate on this text file or folder instead of the run's data")
+    p.add_argument("--max-windows", type=int, default=None, help="score at most this many validation windows")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+
+def cmd_eval(args) -> int:
+    from .data import load_corpus, unigram_baseline
+    from .train import evaluate, load_run
+
+    model, cfg = load_run(Path(args.run))
+    data = args.data if args.data else cfg.get("data", {}).get("path")
+    if args.data and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data: {args.data} does not exist")
+    corpus = load_corpus(data)
+    train = cfg["train"]
+    if args.max_windows is not None and args.max_windows < 1:
+        raise ValueError("--max-windows must be >= 1")
+    result = evaluate(model, corpus, train["seq_len"], args.batch_size or train["batch_size"], args.max_windows,
+                      progress=not args.json)
+    result["unigram_bits_per_byte"] = unigram_baseline(corpus)["bits_per_byte"]
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    base = result["unigram_bits_per_byte"]
+    print(f"validation: loss {result['loss']:.4f} nats, {result['bits_per_byte']:.4f} bits/byte, "
+          f"perplexity {result['perplexity']:.3f} ({result['tokens']:,} bytes)")
+    print(f"order-0 (unigram) baseline: {base:.4f} bits/byte ({100 * (1 - result['bits_per_byte'] / base):.1f}% below)")
+    print(f"{'domain':24s} {'bits/byte':>10s} {'bytes':>10s}")
+    for name, d in sorted(result["domains"].items(), key=lambda kv: -kv[1]["tokens"]):
+        print(f"{name:24s} {d['bits_per_byte']:10.4f} {d['tokens']:10,d}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ generate
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample text from a trained run (KV cache)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
+    p.set_defaults(func=cmd_generate)
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from .data import BOS_ID, EOS_ID, ByteTokenizer
+    from .model import generate
+    from .train import load_run
+
+    if args.max_new_tokens < 0:
+        raise ValueError("--max-new-tokens must be >= 0")
+    if args.temperature < 0:
+        raise ValueError("--temperature must be >= 0 (0 means greedy)")
+    if not 0 < args.top_p <= 1:
+        raise ValueError("--top-p must be in (0, 1]")
+    model, _ = load_run(Path(args.run))
+    tok = ByteTokenizer()
+    prompt = [BOS_ID] + tok.encode(args.prompt)
+    limit = model.config.max_seq_len
+    if len(prompt) + args.max_new_tokens > limit:
+        raise ValueError(f"prompt plus --max-new-tokens ({len(prompt) + args.max_new_tokens}) exceeds the model's "
+                         f"max_seq_len={limit}")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       seed=args.seed, use_cache=not args.no_cache, eos_id=EOS_ID)
+    dt = time.perf_counter() - t0
+    new = [int(t) for t in out[len(prompt):].tolist()]
+    if EOS_ID in new:
+        new = new[: new.index(EOS_ID)]
+    sys.stdout.write(args.prompt + tok.decode([t for t in new if t < 256]))
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    _err(f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tokens/s, "
+         f"{'no cache' if args.no_cache else 'KV cache'})")
+    return 0

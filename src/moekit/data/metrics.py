@@ -1,0 +1,39 @@
+"""Bits per byte, overall and per domain, accumulated over validation batches.
+
+Feed :class:`DomainBits` the per-token cross-entropy in nats (``F.cross_entropy(..., reduction="none")``, with
+ignored targets giving 0) and the batch's ``domain_ids`` (``-1`` = not scored); it reports
+``sum(nats) / count / ln 2`` overall and per domain.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+class DomainBits:
+    """Running sums of nats and scored-token counts per domain."""
+
+    def __init__(self, domains: list[str]):
+        self.domains = list(domains)
+        self.nats_D = torch.zeros(len(self.domains), dtype=torch.float64)
+        self.count_D = torch.zeros(len(self.domains), dtype=torch.float64)
+
+    def add(self, nats_BL: torch.Tensor, domain_ids_BL: torch.Tensor) -> None:
+        scored = domain_ids_BL >= 0
+        domain_N = domain_ids_BL[scored].to("cpu", torch.int64)
+        nats_N = nats_BL.detach()[scored].to("cpu", torch.float64)
+        self.nats_D += torch.bincount(domain_N, weights=nats_N, minlength=len(self.domains))
+        self.count_D += torch.bincount(domain_N, minlength=len(self.domains)).to(torch.float64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.count_D.sum())
+
+    def bits_per_byte(self) -> float:
+        count = float(self.count_D.sum())
+        return float(self.nats_D.sum()) / count / math.log(2) if count else float("nan")
+
+    def per_domain(self) -> dict[str, float]:
+        return {name: float(self.nats_D[i] / self.count_D[i]) / math.log(2)
+                for i, name in enumerate(self.domains) if self.count_D[i] > 0}

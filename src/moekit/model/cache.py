@@ -1,0 +1,49 @@
+"""A preallocated key/value cache for incremental decoding.
+
+Legend: B batch, K key/value heads, S positions, H head dim.
+
+Keys are stored after RoPE and ``k_norm``, as ``Qwen3MoeAttention`` stores them in its ``DynamicCache``.
+The model writes the keys/values of positions ``start_pos ... start_pos + L - 1`` and attends to everything up
+to ``start_pos + L - 1``; ``length`` is the number of positions held after the last forward.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Per-layer ``[B, K, max_len, H]`` key and value buffers."""
+
+    def __init__(self, n_layers: int, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
+        if batch_size <= 0 or max_len <= 0:
+            raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k_BKSH = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v_BKSH = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.length = 0
+
+    @classmethod
+    def for_model(cls, model, batch_size: int, max_len: int | None = None) -> "KVCache":
+        """A cache matching ``model`` (a :class:`moekit.model.MoELM`): its layers, heads, dtype and device."""
+        cfg = model.config
+        param = model.model.embed_tokens.weight
+        return cls(cfg.n_layers, batch_size, max_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
+                   dtype=param.dtype, device=param.device)
+
+    def update(self, layer: int, k_BKLH: torch.Tensor, v_BKLH: torch.Tensor,
+               start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store positions ``start_pos ... start_pos + L - 1``; return keys and values ``[B, K, start_pos + L, H]``."""
+        end = start_pos + k_BKLH.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+        if k_BKLH.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache has batch size {self.batch_size}, got {k_BKLH.shape[0]}")
+        self.k_BKSH[layer][:, :, start_pos:end] = k_BKLH
+        self.v_BKSH[layer][:, :, start_pos:end] = v_BKLH
+        return self.k_BKSH[layer][:, :, :end], self.v_BKSH[layer][:, :, :end]
+
+    def reset(self) -> None:
+        self.length = 0

@@ -1,0 +1,286 @@
+"""The training loop of ``moekit train`` and the evaluation of ``moekit eval``.
+
+Next-token cross-entropy on bytes plus the MoE layers' auxiliary losses, AdamW, warm-up + cosine schedule,
+gradient clipping; ``moekit.end_step(model)`` after every optimiser step (auxiliary-loss-free bias updates).
+Bits per byte = cross-entropy in nats / ln 2 over scored targets (bytes and end-of-document).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import balance
+from ..data import IGNORE_INDEX, Corpus, DomainBits, TrainBatches, load_corpus, unigram_baseline, val_batches
+from ..layer import aux_loss, end_step, moe_layers
+from ..model import MoELM, ModelConfig, param_counts
+from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, load_checkpoint, load_model_weights,
+                         read_run_config, save_checkpoint)
+from .config import TrainConfig
+
+LN2 = math.log(2.0)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when the training loss stops being finite."""
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def routing_is_causal(model: torch.nn.Module) -> bool:
+    return all(getattr(layer.gate, "causal", True) for layer in moe_layers(model))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: int,
+             max_windows: int | None = None, progress: bool = False) -> dict:
+    """Validation loss (nats), bits per byte, perplexity, overall and per domain."""
+    was_training = model.training
+    model.eval()
+    bits = DomainBits(corpus.domains)
+    batches = val_batches(corpus, batch_size, seq_len, max_windows)
+    iterator = batches
+    if progress:
+        from tqdm import tqdm
+
+        total = None
+        if max_windows is not None:
+            total = math.ceil(max_windows / batch_size)
+        iterator = tqdm(batches, desc="eval", total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
+    for vb in iterator:
+        logits_BLV = model(vb.input_ids)
+        nats_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), vb.targets, ignore_index=IGNORE_INDEX,
+                                  reduction="none")
+        bits.add(nats_BL, vb.domain_ids)
+    model.train(was_training)
+    bpb = bits.bits_per_byte()
+    per_domain = bits.per_domain()
+    counts = {name: int(bits.count_D[i]) for i, name in enumerate(corpus.domains)}
+    return {
+        "loss": bpb * LN2,
+        "bits_per_byte": bpb,
+        "perplexity": math.exp(bpb * LN2) if math.isfinite(bpb) else float("nan"),
+        "tokens": bits.num_tokens,
+        "domains": {name: {"bits_per_byte": v, "tokens": counts[name]} for name, v in per_domain.items()},
+    }
+
+
+def _layer_stats(model) -> tuple[list[float], list[list[int]]]:
+    vios, loads = [], []
+    for layer in moe_layers(model):
+        if layer.load is None:
+            continue
+        counts = layer.load.routed_E.tolist()
+        loads.append(counts)
+        vios.append(balance.max_violation(layer.load.routed_E))
+    return vios, loads
+
+
+def new_run_config(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str | None) -> dict:
+    return {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_cfg.to_dict(),
+            "train": asdict(train_cfg), "data": {"path": data}}
+
+
+def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> MoELM:
+    torch.manual_seed(train_cfg.seed)
+    return MoELM(model_cfg).to(_dtype(train_cfg.dtype))
+
+
+def load_run(run_dir: Path) -> tuple[MoELM, dict]:
+    """The model of a run folder with its latest weights, in eval mode, and the run config."""
+    cfg = read_run_config(run_dir)
+    try:
+        model_cfg = ModelConfig.from_dict(cfg["model"])
+        train_cfg = TrainConfig.from_dict(cfg["train"])
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{run_dir}/config.json is incomplete ({exc})") from None
+    model = MoELM(model_cfg).to(_dtype(train_cfg.dtype))
+    load_model_weights(model, Path(run_dir) / "model.safetensors")
+    model.eval()
+    return model, cfg
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Drop metric records past ``last_step`` (written after the checkpoint a resume starts from)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("step", 0) <= last_step:
+            kept.append(line)
+    from ..io import atomic_write_bytes
+
+    atomic_write_bytes(path, ("\n".join(kept) + "\n" if kept else "").encode("utf-8"))
+
+
+class Trainer:
+    """Owns one run folder: model, optimiser, data, metrics, checkpoints."""
+
+    def __init__(self, run_dir: Path, run_config: dict, corpus: Corpus, log=print, progress: bool = True):
+        self.run_dir = Path(run_dir)
+        self.run_config = run_config
+        self.model_cfg = ModelConfig.from_dict(run_config["model"])
+        self.cfg = TrainConfig.from_dict(run_config["train"])
+        self.corpus = corpus
+        self.log = log
+        self.progress = progress
+        if self.cfg.threads:
+            torch.set_num_threads(self.cfg.threads)
+        self.model = build_model(self.model_cfg, self.cfg).train()
+        self.optimizer = make_optimizer(self.model, self.cfg)
+        self.batches = TrainBatches(corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed)
+        self.step = 0
+        self.elapsed = 0.0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        layers = moe_layers(self.model)
+        return {"batches": self.batches.state_dict(), "elapsed": self.elapsed,
+                "balancing": [layer.gate.balancing_state() for layer in layers]}
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
+                               keep=self.cfg.keep_checkpoints)
+
+    def resume(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir)
+        if ckpt is None:
+            raise ValueError(f"{self.run_dir} has no checkpoint to resume from")
+        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        self.step = int(state["step"])
+        self.elapsed = float(state.get("elapsed", 0.0))
+        self.batches.load_state_dict(state["batches"])
+        for layer, st in zip(moe_layers(self.model), state.get("balancing", [])):
+            layer.gate.load_balancing_state(st)
+        _truncate_metrics(self.metrics_path, self.step)
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        input_ids_BL, targets_BL = next(self.batches)
+        logits_BLV = self.model(input_ids_BL)
+        ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
+                             ignore_index=IGNORE_INDEX)
+        aux = aux_loss(self.model)
+        loss = ce + aux
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became non-finite ({float(loss)}) at step {self.step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float("nan")
+        if cfg.grad_clip > 0:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+        self.optimizer.step()
+        vios, loads = _layer_stats(self.model)
+        end_step(self.model)
+        self.step += 1
+        ce, aux = float(ce.detach()), float(aux.detach())
+        return {"step": self.step, "loss": ce, "aux_loss": aux, "bits_per_byte": ce / LN2,
+                "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
+
+    # ---------------------------------------------------------------- loop
+    def fit(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        tokens_per_step = cfg.batch_size * cfg.seq_len
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+                   disable=not self.progress, dynamic_ncols=True)
+        last_good = self.step
+        try:
+            with open(self.metrics_path, "a", encoding="utf-8") as metrics:
+                while self.step < cfg.steps:
+                    t0 = time.perf_counter()
+                    rec = self.train_step()
+                    dt = time.perf_counter() - t0
+                    self.elapsed += dt
+                    rec["tokens_per_s"] = tokens_per_step / dt
+                    rec["time"] = self.elapsed
+                    if cfg.eval_every and self.step % cfg.eval_every == 0:
+                        ev = evaluate(self.model, self.corpus, cfg.seq_len, cfg.batch_size, cfg.eval_windows)
+                        rec["val_bits_per_byte"] = ev["bits_per_byte"]
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+                        self.save()
+                        last_good = self.step
+                    vio = sum(rec["max_vio"]) / max(1, len(rec["max_vio"]))
+                    bar.set_postfix(loss=f"{rec['loss']:.3f}", bpb=f"{rec['bits_per_byte']:.3f}",
+                                    tok_s=f"{rec['tokens_per_s']:.0f}", maxvio=f"{vio:.2f}", refresh=False)
+                    bar.update(1)
+        except NonFiniteLoss as exc:
+            bar.close()
+            raise NonFiniteLoss(f"{exc}; training stopped; the last good checkpoint (step {last_good}) is kept "
+                                f"in {self.run_dir}") from None
+        except KeyboardInterrupt:
+            bar.close()
+            self.save()
+            raise
+        bar.close()
+        return {"steps": self.step, "elapsed": self.elapsed}
+
+
+def describe(model: torch.nn.Module, model_cfg: ModelConfig) -> str:
+    counts = param_counts(model)
+    moe = model_cfg.moe
+    causal = routing_is_causal(model)
+    text = (f"model: {model_cfg.n_layers} layers, width {model_cfg.dim}, {moe.num_experts} experts top-{moe.top_k} "
+            f"(router {moe.router}), {counts['total'] / 1e6:.2f}M parameters, "
+            f"{counts['active'] / 1e6:.2f}M active per token")
+    if not causal:
+        text += ("\nnote: this router looks at the whole batch (not causal): a token's route depends on later "
+                 "tokens, so training sees the future; generation uses the router's causal fallback")
+    return text
+
+
+def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, progress: bool = True) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns the final evaluation record."""
+    data = run_config.get("data", {}).get("path")
+    corpus = load_corpus(data)
+    trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress)
+    if resume:
+        trainer.resume()
+        log(f"resuming {run_dir} at step {trainer.step}/{trainer.cfg.steps}")
+    log(corpus.summary())
+    log(describe(trainer.model, trainer.model_cfg))
+    cfg = trainer.cfg
+    log(f"training {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens -> {run_dir}")
+    trainer.fit()
+    ev = evaluate(trainer.model, corpus, cfg.seq_len, cfg.batch_size, cfg.final_eval_windows, progress=progress)
+    base = unigram_baseline(corpus)["bits_per_byte"]
+    ev["unigram_bits_per_byte"] = base
+    ev["elapsed_train_s"] = trainer.elapsed
+    ev["step"] = trainer.step
+    with open(trainer.metrics_path, "a", encoding="utf-8") as metrics:
+        metrics.write(json.dumps({"step": trainer.step, "eval": {k: ev[k] for k in
+                                                                 ("loss", "bits_per_byte", "perplexity")}}) + "\n")
+    below = 100.0 * (1 - ev["bits_per_byte"] / base)
+    log(f"validation: {ev['bits_per_byte']:.3f} bits/byte; order-0 (unigram) baseline {base:.3f} bits/byte "
+        f"({below:.1f}% below)")
+    return ev
