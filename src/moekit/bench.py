@@ -293,12 +293,11 @@ def main_from_args(args) -> int:
             print(f"transformers is not installed: skipping {', '.join(skipped)}", file=sys.stderr)
     progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
     report = run(shapes, impls, device, getattr(torch, dtype_name), args.repeats, args.warmup, args.router, progress)
-    report["repeats"] = args.repeats
-    report["torch"] = torch.__version__
-    report["threads"] = torch.get_num_threads()
     if args.json:
         print(json.dumps(report, indent=1))
     else:
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs "
+              f"after {args.warmup} warm-up runs")
         print(format_table(report))
     return 0
 

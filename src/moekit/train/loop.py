@@ -190,7 +190,7 @@ class Trainer:
         aux = aux_loss(self.model)
         loss = ce + aux
         if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became non-finite ({float(loss)}) at step {self.step + 1}")
+            raise NonFiniteLoss(f"loss became non-finite ({float(loss.detach())}) at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float("nan")
