@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 from . import balance, routing
@@ -73,9 +74,11 @@ class MoEConfig:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         if self.shared_hidden_dim is not None:
             _positive_int("shared_hidden_dim", self.shared_hidden_dim)
-        if self.capacity_factor is not None and not (isinstance(self.capacity_factor, (int, float))
-                                                     and self.capacity_factor > 0):
-            raise ValueError(f"capacity_factor must be None (dropless) or a number > 0, got {self.capacity_factor!r}")
+        if self.capacity_factor is not None and not (
+                isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
+                and 0 < self.capacity_factor < math.inf):
+            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, "
+                             f"got {self.capacity_factor!r}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         routing.get(self.router)  # ValueError naming the allowed routers
