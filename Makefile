@@ -15,8 +15,13 @@ $(STAMP): pyproject.toml requirements-cpu.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+DEMO_RUN := demo-$(shell date +%Y%m%d-%H%M%S)
+
+# The main job: train the built-in MoE LM on the standard library's source (about 5 minutes on 2 cores),
+# then write the routing report of the run.
 demo: $(STAMP)
-	$(PY) -m moekit bench --shapes decode,olmoe --repeats 5
+	$(PY) -m moekit train --name $(DEMO_RUN)
+	$(PY) -m moekit report runs/$(DEMO_RUN)
 
 test: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests

@@ -24,6 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train(sub)
     commands.add_eval(sub)
     commands.add_generate(sub)
+    from . import compare
+
+    p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")
+    compare.add_arguments(p)
+    p.set_defaults(func=compare.main_from_args)
     return parser
 
 

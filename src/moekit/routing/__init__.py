@@ -36,6 +36,16 @@ def get(name: str) -> type[Router]:
         raise ValueError(f"router: unknown router {name!r}; allowed: {', '.join(names())}") from None
 
 
-from . import topk as _topk  # noqa: E402,F401  (registers "topk")
+def _import_router_modules() -> None:
+    """Import every module of this package so that each registers its routers (one file per family)."""
+    import importlib
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if info.name != "base" and not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_import_router_modules()
 
 __all__ = ["Router", "Routing", "RoutingContext", "get", "names", "register"]

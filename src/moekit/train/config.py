@@ -33,7 +33,7 @@ class TrainConfig:
     during training (0: only at the end, where ``final_eval_windows`` windows are scored; None: all).
     """
 
-    steps: int = 1000
+    steps: int = 400
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
@@ -47,7 +47,7 @@ class TrainConfig:
     eval_every: int = 0
     eval_windows: int = 64
     final_eval_windows: int | None = 400
-    checkpoint_every: int = 200
+    checkpoint_every: int = 100
     keep_checkpoints: int = 2
     dtype: str = "float32"
     threads: int | None = None
