@@ -142,3 +142,34 @@ def test_ctrl_c_saves_checkpoint_and_resume_matches(capsys, monkeypatch):
     monkeypatch.setattr(Trainer, "train_step", real_step)
     assert main(["train", "--resume", str(run), "--no-progress"]) == 0
     assert _losses(run) == _losses(Path("runs/ref"))
+
+
+def test_trace_and_report(capsys):
+    import re
+
+    from moekit.trace import load_trace
+
+    assert _train("--name", "t", "--steps", "4") == 0
+    run = Path("runs/t")
+    assert main(["trace", str(run), "--out", "tr.safetensors", "--logits", "--max-windows", "6"]) == 0
+    trace = load_trace("tr.safetensors")
+    assert trace.num_layers == 2 and trace.has_logits
+    assert trace.num_tokens % 32 == 0 and 0 < trace.num_tokens <= 6 * 32  # full windows only
+    # the routing recorded equals a fresh forward's routing of the first window
+    from moekit.train import load_run
+
+    model, _ = load_run(run)
+    with torch.no_grad():
+        model(trace.tokens[:32].long().unsqueeze(0))
+    first = model.model.layers[0].mlp.last_routing
+    assert torch.equal(trace.experts[0, :32, 0].long(), first.topk_ids[:, 0])
+    capsys.readouterr()
+    assert main(["report", str(run)]) == 0  # traces the run first, then reports on trace + metrics
+    out = capsys.readouterr().out
+    assert "MaxVio" in out
+    html = (run / "report" / "index.html").read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', html)
+    assert images and all((run / "report" / src).stat().st_size > 0 for src in images)
+    assert "nope" in _one_line_error(capsys, ["report", "tr.safetensors", "--groups", "nope,json"])
+    Path("bad.safetensors").write_bytes(b"not a trace")
+    _one_line_error(capsys, ["report", "bad.safetensors"])

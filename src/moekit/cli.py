@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_train(sub)
     commands.add_eval(sub)
     commands.add_generate(sub)
+    commands.add_trace(sub)
+    commands.add_report(sub)
     from . import compare
 
     p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")

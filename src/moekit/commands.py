@@ -149,3 +149,118 @@ def cmd_generate(args) -> int:
     _err(f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tokens/s, "
          f"{'no cache' if args.no_cache else 'KV cache'})")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ trace
+def add_trace(sub) -> None:
+    p = sub.add_parser("trace", help="record every token's experts and weights per MoE layer (docs/trace-format.md)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--data", help="trace this text file or folder instead of the run's validation split")
+    p.add_argument("--out", help="trace file to write (default RUN/trace.safetensors)")
+    p.add_argument("--split", default="val", choices=("val", "train"))
+    p.add_argument("--max-windows", type=int, default=64, help="windows of seq_len tokens to trace")
+    p.add_argument("--logits", action="store_true", help="also keep the raw router logits")
+    p.set_defaults(func=cmd_trace)
+
+
+def trace_batches(corpus, split: str, seq_len: int, batch_size: int, max_windows: int):
+    """Full windows of ``split`` with per-token position in document, document id, domain id and window id."""
+    import numpy as np
+    import torch
+
+    from .data.batches import val_window_starts
+
+    tokens = corpus.tokens(split)
+    docs = corpus.documents(split)
+    doc_start = np.fromiter((d["offset"] for d in docs), dtype=np.int64, count=len(docs))
+    starts = val_window_starts(len(tokens), seq_len, max_windows)
+    starts = starts[starts + seq_len <= len(tokens)]
+    offsets = np.arange(seq_len, dtype=np.int64)
+    for first in range(0, len(starts), batch_size):
+        index_BL = starts[first:first + batch_size, None] + offsets
+        doc_BL = np.searchsorted(doc_start, index_BL, side="right") - 1
+        yield {
+            "input_ids": torch.from_numpy(np.asarray(tokens[index_BL]).astype(np.int64)),
+            "positions": torch.from_numpy(index_BL - doc_start[doc_BL]),
+            "doc_ids": torch.from_numpy(doc_BL),
+            "domain_ids": torch.from_numpy(corpus.domain_ids(split, index_BL)),
+            "seq_ids": torch.from_numpy(np.broadcast_to(np.arange(first, first + len(index_BL))[:, None],
+                                                        index_BL.shape).copy()),
+        }
+
+
+def make_trace(run_dir: Path, data: str | None, split: str, max_windows: int, logits: bool):
+    from .data import load_corpus
+    from .trace import trace_model
+    from .train import load_run
+
+    model, cfg = load_run(run_dir)
+    if data and not Path(data).exists():
+        raise FileNotFoundError(f"--data: {data} does not exist")
+    corpus = load_corpus(data if data else cfg.get("data", {}).get("path"))
+    if max_windows < 1:
+        raise ValueError("--max-windows must be >= 1")
+    seq_len, batch_size = cfg["train"]["seq_len"], cfg["train"]["batch_size"]
+    batches = list(trace_batches(corpus, split, seq_len, batch_size, max_windows))
+    if not batches:
+        raise ValueError(f"the {split} split is shorter than one window of {seq_len} tokens")
+    m = cfg["model"]
+    info = {"dim": m["dim"], "n_layers": m["n_layers"], "router": m["moe"]["router"],
+            "num_experts": m["moe"]["num_experts"], "top_k": m["moe"]["top_k"], "run": str(run_dir)}
+    return trace_model(model, batches, domain_names=corpus.domains, keep_logits=logits, model_info=info,
+                       source={"data": data or cfg.get("data", {}).get("path") or "stdlib", "split": split})
+
+
+def cmd_trace(args) -> int:
+    from .report import TRACE_FILE
+    from .trace import save_trace
+
+    run_dir = Path(args.run)
+    t0 = time.perf_counter()
+    trace = make_trace(run_dir, args.data, args.split, args.max_windows, args.logits)
+    out = Path(args.out) if args.out else run_dir / TRACE_FILE
+    save_trace(trace, out)
+    _err(f"traced {trace.num_tokens:,} tokens x {trace.num_layers} MoE layers in {time.perf_counter() - t0:.1f}s "
+         f"-> {out}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ report
+def add_report(sub) -> None:
+    p = sub.add_parser("report", help="HTML routing report with plots, and a terminal summary")
+    p.add_argument("path", help="a run folder (its metrics and trace; a trace is made when missing) or a trace file")
+    p.add_argument("--out", help="report folder (default: RUN/report or TRACE's folder/report)")
+    p.add_argument("--groups", help="two domains to profile against each other, 'A,B' (default: the two largest)")
+    p.add_argument("--compare-trace", help="profile the report's trace against this second trace instead")
+    p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the disparity CIs")
+    p.set_defaults(func=cmd_report)
+
+
+def cmd_report(args) -> int:
+    from .report import TRACE_FILE, analyse, build_report, report_inputs, summary_text
+    from .trace import load_trace, save_trace
+
+    path = Path(args.path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist")
+    t0 = time.perf_counter()
+    if path.is_dir() and not (path / TRACE_FILE).is_file() and (path / "model.safetensors").is_file():
+        _err(f"no trace in {path}: tracing the validation split first")
+        save_trace(make_trace(path, None, "val", 64, False), path / TRACE_FILE)
+    trace, metrics = report_inputs(path)
+    groups = None
+    if args.compare_trace:
+        groups = (trace, load_trace(args.compare_trace))
+    elif args.groups:
+        parts = [g.strip() for g in args.groups.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError("--groups takes two domain names separated by a comma, e.g. json,email")
+        groups = tuple(parts)
+    if args.resamples < 10:
+        raise ValueError("--resamples must be >= 10")
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "report"
+    an = analyse(trace, metrics, groups, num_resamples=args.resamples)
+    index = build_report(out, analysis=an)
+    print(summary_text(analysis=an))
+    _err(f"report: {index} ({time.perf_counter() - t0:.1f}s)")
+    return 0

@@ -16,10 +16,23 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 
-def _tmp_path(path: Path) -> Path:
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_sibling(path: str | os.PathLike) -> Path:
+    """A new empty temporary file beside ``path`` with ordinary permissions (0666 less the umask), to be
+    renamed onto ``path`` once written."""
+    path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())
     return Path(name)
+
+
+_tmp_path = temp_sibling
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
