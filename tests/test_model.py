@@ -168,9 +168,9 @@ def test_config_dict_round_trip():
     again = ModelConfig.from_dict(data)
     assert again == cfg and isinstance(again.moe, moekit.MoEConfig)
     assert cfg.head_dim == 8 and cfg.dense_hidden_dim == 32
-    with pytest.raises(ValueError, match="unknown ModelConfig key"):
+    with pytest.raises(ValueError, match="unknown model setting"):
         ModelConfig.from_dict({**data, "n_experts": 4})
-    with pytest.raises(ValueError, match="unknown MoEConfig key"):
+    with pytest.raises(ValueError, match="unknown moe setting"):
         ModelConfig.from_dict({**data, "moe": {**data["moe"], "experts": 4}})
     defaults = ModelConfig()
     assert (defaults.dim, defaults.n_layers, defaults.moe.num_experts, defaults.moe.top_k) == (256, 4, 16, 2)

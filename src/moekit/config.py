@@ -16,6 +16,17 @@ ROUTER_FIELDS = (
 )
 
 
+def dataclass_from_dict(cls, data, what: str):
+    """``cls(**data)`` for a dataclass, with ``ValueError`` naming unknown keys instead of a ``TypeError``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} settings must be a table/dict, got {type(data).__name__}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} setting(s): {', '.join(unknown)}")
+    return cls(**data)
+
+
 def _positive_int(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -114,8 +125,4 @@ class MoEConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown MoEConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "moe")

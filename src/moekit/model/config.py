@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from ..config import MoEConfig
+from ..config import MoEConfig, dataclass_from_dict
 from ..data.tokenizer import VOCAB_SIZE
 
 DEFAULT_NUM_EXPERTS = 16
@@ -111,10 +111,4 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"ModelConfig.from_dict needs a dict, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown ModelConfig key(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "model")

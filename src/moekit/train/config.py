@@ -13,7 +13,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-from ..config import MoEConfig
+from ..config import MoEConfig, dataclass_from_dict
 from ..model.config import ModelConfig
 
 DTYPES = ("float32", "bfloat16")
@@ -91,11 +91,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown train setting(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "train")
 
 
 def default_model_config() -> ModelConfig:
@@ -191,11 +187,7 @@ def build_configs(args: argparse.Namespace, base: dict | None = None) -> tuple[M
         if key.startswith("cfg__"):
             _, section, name = key.split("__", 2)
             tables[section]["init_std" if (section, name) == ("moe", "init_std") else name] = value
-    known_moe = {f.name for f in fields(MoEConfig)}
-    unknown = sorted(set(moe) - known_moe)
-    if unknown:
-        raise ValueError(f"unknown moe setting(s): {', '.join(unknown)}")
-    if moe:
+    if moe:  # unknown keys are rejected by MoEConfig.from_dict
         defaults = asdict(ModelConfig(**{k: model[k] for k in ("dim",) if k in model}).moe)
         defaults.pop("dim")
         defaults.update(moe)
