@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m moekit report runs/$(DEMO_RUN)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -p no:cacheprovider tests
 
 bench: $(STAMP)
 	$(PY) -m moekit bench
