@@ -57,29 +57,41 @@ class Case:
     workspace_bytes: callable = lambda: 0
 
 
-def _moe_config(shape: dict, router: str):
+def _moe_config(shape: dict, router: str, router_options: dict | None = None):
+    """The layer of a shape; balancing losses off (the timed work is the layer, not a loss)."""
+    import inspect
+
+    from . import routing
     from .config import MoEConfig
 
+    takes_aux = "aux_loss" in inspect.signature(routing.get(router).__init__).parameters
+    extra = {"aux_loss": None} if takes_aux else {}
     return MoEConfig(dim=shape["dim"], hidden_dim=shape["hidden"], num_experts=shape["experts"],
-                     top_k=shape["top_k"], router=router, aux_loss=None)
+                     top_k=shape["top_k"], router=router, router_options=dict(router_options or {}), **extra)
 
 
 def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, router: str = "topk",
-               seed: int = 0) -> Case:
+               seed: int = 0, router_options: dict | None = None) -> Case:
     """Build the modules and inputs of one case; all implementations share weights and routing."""
     import warnings
 
-    from . import MoE
+    from . import MoE, RoutingContext
     from .dispatch import grouped_mm, make_plan, workspace
 
     shape = SHAPES[shape_name]
     gen = torch.Generator().manual_seed(seed)
-    moe = MoE(_moe_config(shape, router))
+    moe = MoE(_moe_config(shape, router, router_options))
     with torch.no_grad():
         for p in moe.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
     moe = moe.to(device=device, dtype=dtype).train()
     x = torch.randn(shape["tokens"], shape["dim"], generator=gen).to(device=device, dtype=dtype)
+    # token ids for routers that read them (hash routing): one sequence of random byte ids
+    input_ids = torch.randint(0, 256, (1, shape["tokens"]), generator=gen).to(device)
+
+    def ctx():
+        return RoutingContext(batch_shape=(1, shape["tokens"]), input_ids=input_ids)
+
     dout = torch.randn(shape["tokens"], shape["dim"], generator=gen).to(device=device, dtype=dtype)
     params = list(moe.parameters())
 
@@ -96,11 +108,11 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
 
         def fwd():
             with torch.no_grad():
-                return moe(x)
+                return moe(x, ctx())
 
         def fwd_bwd():
             x_req.grad = None
-            moe(x_req).backward(dout)
+            moe(x_req, ctx()).backward(dout)
 
         def ws_bytes():
             return sum(b.numel() * b.element_size() for b in workspace.buffers.values())
@@ -109,7 +121,7 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
 
     if impl == "floor":
         with torch.no_grad():
-            plan = make_plan(moe.gate(x))
+            plan = make_plan(moe.gate(x, ctx()))
         x_SD = x[plan.token_S].contiguous().requires_grad_(True)
         dy_SD = torch.randn(x_SD.shape, generator=gen).to(device=device, dtype=dtype)
         w_up = moe.experts.gate_up_proj
@@ -224,14 +236,14 @@ def measure_peak(case: Case, device: str) -> int:
 
 
 def run(shapes, impls, device: str, dtype: torch.dtype, repeats: int, warmup: int, router: str = "topk",
-        progress=None) -> dict:
+        progress=None, router_options: dict | None = None) -> dict:
     results = []
     dtype_name = str(dtype).replace("torch.", "")
     for shape in shapes:
         for impl in impls:
             if progress:
                 progress(f"{shape:8s} {impl}")
-            case = build_case(shape, impl, device, dtype, router)
+            case = build_case(shape, impl, device, dtype, router, router_options=router_options)
             fwd_s = median_time(case.fwd, case.zero_grad, device, repeats, warmup)
             fwd_bwd_s = median_time(case.fwd_bwd, case.zero_grad, device, repeats, warmup)
             peak = measure_peak(case, device)
@@ -257,7 +269,9 @@ def format_table(report: dict) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shapes", default="olmoe,mixtral,decode", help="comma-separated: " + ", ".join(SHAPES))
     p.add_argument("--impls", default=",".join(IMPLS), help="comma-separated: " + ", ".join(IMPLS))
-    p.add_argument("--router", default="topk", help="router of the moekit layer (the floor uses its counts)")
+    p.add_argument("--router", default="topk", help="router of the moekit layer (the floor uses its counts; "
+                   "the transformers baselines run only with topk, whose routing they share)")
+    p.add_argument("--router-options", default="{}", help="JSON object of router options, e.g. '{\"n_iters\": 5}'")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per case (median reported), >= 1")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs before timing")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
@@ -277,6 +291,16 @@ def main_from_args(args) -> int:
         if i not in IMPLS:
             raise ValueError(f"--impls: unknown implementation {i!r}; allowed: {', '.join(IMPLS)}")
     routing.get(args.router)
+    try:
+        router_options = json.loads(args.router_options)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--router-options is not valid JSON ({exc})") from None
+    if not isinstance(router_options, dict):
+        raise ValueError("--router-options must be a JSON object")
+    if args.router != "topk" and any(i.startswith("hf-") for i in impls):
+        impls = [i for i in impls if not i.startswith("hf-")]
+        print(f"--router {args.router}: the transformers baselines route with top-k only; skipping them",
+              file=sys.stderr)
     if args.repeats < 1 or args.warmup < 0:
         raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     device = args.device
@@ -293,7 +317,8 @@ def main_from_args(args) -> int:
         if skipped:
             print(f"transformers is not installed: skipping {', '.join(skipped)}", file=sys.stderr)
     progress = None if args.json else (lambda msg: print(f"  timing {msg} ...", file=sys.stderr, flush=True))
-    report = run(shapes, impls, device, getattr(torch, dtype_name), args.repeats, args.warmup, args.router, progress)
+    report = run(shapes, impls, device, getattr(torch, dtype_name), args.repeats, args.warmup, args.router, progress,
+                 router_options)
     if args.json:
         print(json.dumps(report, indent=1))
     else:
