@@ -64,7 +64,8 @@ def _moe_config(shape: dict, router: str, router_options: dict | None = None):
     from . import routing
     from .config import MoEConfig
 
-    takes_aux = "aux_loss" in inspect.signature(routing.get(router).__init__).parameters
+    params = inspect.signature(routing.get(router).__init__).parameters
+    takes_aux = "aux_loss" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
     extra = {"aux_loss": None} if takes_aux else {}
     return MoEConfig(dim=shape["dim"], hidden_dim=shape["hidden"], num_experts=shape["experts"],
                      top_k=shape["top_k"], router=router, router_options=dict(router_options or {}), **extra)

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import routing
+from .routing.graph import routing_fluctuation_rate
 from .io import atomic_write_bytes, atomic_write_json
 
 # name -> (description, MoEConfig overrides). Routers missing from the registry are skipped with a note.
@@ -129,9 +130,8 @@ def run_method(name: str, out_dir: Path, corpus, model_over: dict, moe_over: dic
     bar.close()
     final_top, entropies = _probe(trainer.model, probe_ids)
     fluct = float("nan")
-    if previous_top is not None:
-        changes = [float((a != b).float().mean()) for a, b in zip(previous_top, final_top)]
-        fluct = statistics.fmean(changes) if changes else float("nan")
+    if previous_top is not None and final_top:
+        fluct = routing_fluctuation_rate(previous_top, final_top)
     ev = evaluate(trainer.model, corpus, train_cfg.seq_len, train_cfg.batch_size, train_cfg.final_eval_windows)
     half = vios_by_step[len(vios_by_step) // 2:]
     flat_half = [v for step in half for v in step]

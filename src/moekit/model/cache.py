@@ -5,6 +5,9 @@ Legend: B batch, K key/value heads, S positions, H head dim.
 Keys are stored after RoPE and ``k_norm``, as ``Qwen3MoeAttention`` stores them in its ``DynamicCache``.
 The model writes the keys/values of positions ``start_pos ... start_pos + L - 1`` and attends to everything up
 to ``start_pos + L - 1``; ``length`` is the number of positions held after the last forward.
+
+Routers that read earlier tokens (``similarity``, ``attention`` in :mod:`moekit.routing.graph`) keep their
+per-position state here too, with :meth:`KVCache.update_routing`; the buffers are allocated on first use.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class KVCache:
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0
+        self._routing: dict[tuple[int, str], torch.Tensor] = {}
 
     @classmethod
     def for_model(cls, model, batch_size: int, max_len: int | None = None) -> "KVCache":
@@ -44,6 +48,26 @@ class KVCache:
         self.k_BKSH[layer][:, :, start_pos:end] = k_BKLH
         self.v_BKSH[layer][:, :, start_pos:end] = v_BKLH
         return self.k_BKSH[layer][:, :, :end], self.v_BKSH[layer][:, :, :end]
+
+    def update_routing(self, layer: int, name: str, value_BLX: torch.Tensor, start_pos: int) -> torch.Tensor:
+        """Store a router's per-position state ``value_BLX`` (``[B, L, ...]``) for positions ``start_pos ...``
+        under ``(layer, name)``; return the stored positions ``0 ... start_pos - 1`` followed by ``value_BLX``
+        itself (so gradients reach this call's values), ``[B, start_pos + L, ...]``."""
+        end = start_pos + value_BLX.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
+        if value_BLX.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache has batch size {self.batch_size}, got {value_BLX.shape[0]}")
+        key = (layer, name)
+        buffer = self._routing.get(key)
+        if buffer is None or buffer.shape[2:] != value_BLX.shape[2:] or buffer.dtype != value_BLX.dtype:
+            if start_pos != 0:
+                raise ValueError(f"KV cache holds no routing state {name!r} of layer {layer} before position "
+                                 f"{start_pos}; fill it from position 0")
+            buffer = value_BLX.new_zeros((self.batch_size, self.max_len, *value_BLX.shape[2:]))
+            self._routing[key] = buffer
+        buffer[:, start_pos:end] = value_BLX.detach()
+        return torch.cat((buffer[:, :start_pos], value_BLX), dim=1)
 
     def reset(self) -> None:
         self.length = 0

@@ -47,6 +47,13 @@ MODEL_TYPE = "qwen3_moe"
 ARCHITECTURE = "Qwen3MoeForCausalLM"
 
 
+# Why a setting has no Qwen3-MoE equivalent, where the bare value does not say it.
+_FIELD_NOTES = {
+    "router": ": each token routed from its own logits alone, the MoE output added to the residual stream "
+              "unchanged",
+}
+
+
 def qwen3_incompatibilities(config: ModelConfig) -> list[str]:
     """Reasons ``config`` has no exact Qwen3-MoE equivalent (empty when it has one)."""
     moe = config.moe
@@ -57,7 +64,7 @@ def qwen3_incompatibilities(config: ModelConfig) -> list[str]:
     ]
     for name, wanted in checks:
         if getattr(moe, name) != wanted:
-            problems.append(f"moe.{name}={getattr(moe, name)!r} (Qwen3-MoE: {wanted!r})")
+            problems.append(f"moe.{name}={getattr(moe, name)!r} (Qwen3-MoE: {wanted!r}{_FIELD_NOTES.get(name, '')})")
     if moe.router_options:
         problems.append(f"moe.router_options={moe.router_options!r} (Qwen3-MoE: none)")
     return problems

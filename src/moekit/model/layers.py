@@ -12,6 +12,7 @@ from torch import nn
 
 from ..layer import MoE
 from ..routing.base import RoutingContext
+from ..routing.graph import ATTENTION_KEY
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -63,7 +64,13 @@ def apply_rotary(x_BNLH: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tenso
 
 class Attention(nn.Module):
     """``Qwen3MoeAttention``: grouped-query attention with per-head RMSNorm on queries and keys (before RoPE),
-    no biases, scaling ``head_dim ** -0.5``; computed with ``F.scaled_dot_product_attention``."""
+    no biases, scaling ``head_dim ** -0.5``; computed with ``F.scaled_dot_product_attention``.
+
+    ``forward`` returns ``(out_BLD, probs_BLS)``. With ``need_weights`` the attention is computed explicitly
+    (as transformers' eager path: float32 softmax, cast back) and ``probs_BLS`` is the attention probabilities
+    averaged over heads, float32, rows summing to one over the ``S`` key positions (cache included); it is None
+    otherwise.
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -80,7 +87,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
-                kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+                kv_cache: KVCache | None = None, start_pos: int = 0,
+                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, L, _ = x_BLD.shape
         q_BNLH = self.q_norm(self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
         k_BKLH = self.k_norm(self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -92,16 +100,40 @@ class Attention(nn.Module):
         else:
             k_BKSH, v_BKSH = k_BKLH, v_BKLH
         S = k_BKSH.shape[2]
-        mask_LS, is_causal = None, False
-        if S == L:
-            is_causal = L > 1
-        elif L > 1:  # a chunk of L new queries after S - L cached positions
-            query_pos_L = torch.arange(S - L, S, device=x_BLD.device)
-            mask_LS = torch.arange(S, device=x_BLD.device)[None, :] <= query_pos_L[:, None]
-        out_BNLH = F.scaled_dot_product_attention(
-            q_BNLH, k_BKSH, v_BKSH, attn_mask=mask_LS, is_causal=is_causal, scale=self.scaling,
-            enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.o_proj(out_BNLH.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+        probs_BLS = None
+        if need_weights:
+            out_BNLH, probs_BLS = self._explicit(q_BNLH, k_BKSH, v_BKSH)
+        else:
+            mask_LS, is_causal = None, False
+            if S == L:
+                is_causal = L > 1
+            elif L > 1:  # a chunk of L new queries after S - L cached positions
+                mask_LS = self._causal_mask(L, S, x_BLD.device)
+            out_BNLH = F.scaled_dot_product_attention(
+                q_BNLH, k_BKSH, v_BKSH, attn_mask=mask_LS, is_causal=is_causal, scale=self.scaling,
+                enable_gqa=self.n_heads != self.n_kv_heads)
+        out_BLD = self.o_proj(out_BNLH.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+        return out_BLD, probs_BLS
+
+    @staticmethod
+    def _causal_mask(L: int, S: int, device) -> torch.Tensor:
+        """``[L, S]`` True where query ``i`` (position ``S - L + i``) may attend to key position ``j``."""
+        query_pos_L = torch.arange(S - L, S, device=device)
+        return torch.arange(S, device=device)[None, :] <= query_pos_L[:, None]
+
+    def _explicit(self, q_BNLH: torch.Tensor, k_BKSH: torch.Tensor,
+                  v_BKSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with its probabilities (SDPA does not return them): each key/value head serves
+        ``n_heads / n_kv_heads`` consecutive query heads, as ``repeat_kv`` in transformers."""
+        L, S = q_BNLH.shape[2], k_BKSH.shape[2]
+        groups = self.n_heads // self.n_kv_heads
+        k_BNSH = k_BKSH.repeat_interleave(groups, dim=1)
+        v_BNSH = v_BKSH.repeat_interleave(groups, dim=1)
+        logits_BNLS = (q_BNLH @ k_BNSH.transpose(-1, -2)) * self.scaling
+        logits_BNLS = logits_BNLS.masked_fill(~self._causal_mask(L, S, q_BNLH.device), float("-inf"))
+        probs32_BNLS = torch.softmax(logits_BNLS, dim=-1, dtype=torch.float32)
+        out_BNLH = probs32_BNLS.to(q_BNLH.dtype) @ v_BNSH
+        return out_BNLH, probs32_BNLS.mean(dim=1)
 
 
 class DenseMLP(nn.Module):
@@ -119,7 +151,17 @@ class DenseMLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """``Qwen3MoeDecoderLayer``: pre-norm attention and FFN, each in a residual branch. The FFN (``mlp``) is a
-    :class:`moekit.MoE` (``gate``, ``experts``) or a :class:`DenseMLP`."""
+    :class:`moekit.MoE` (``gate``, ``experts``) or a :class:`DenseMLP`.
+
+    Two router hooks, both duck-typed on the MoE layer's router (``mlp.gate``) and both passing state through
+    ``ctx.extras`` (one dict per model call, shared by all layers), never through module attributes:
+
+    - ``needs_attention = True`` (:class:`moekit.routing.graph.AttentionRouter`): the attention layer computes
+      its probabilities explicitly and the layer puts their head average ``[B, L, S]`` in
+      ``ctx.extras[ATTENTION_KEY]`` for the router, removing it after the MoE call.
+    - ``residual_update(f, extras) -> delta`` (:mod:`moekit.routing.momentum`): the residual branch adds
+      ``delta`` instead of the MoE output ``f`` (MomentumSMoE, AdamSMoE).
+    """
 
     def __init__(self, config: ModelConfig, layer_index: int):
         super().__init__()
@@ -133,7 +175,24 @@ class DecoderLayer(nn.Module):
     def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
                 ctx: RoutingContext | None = None, kv_cache: KVCache | None = None,
                 start_pos: int = 0) -> torch.Tensor:
-        h_BLD = x_BLD + self.self_attn(self.input_layernorm(x_BLD), cos_LH, sin_LH, kv_cache, start_pos)
+        gate = self.mlp.gate if self.is_moe else None
+        need_weights = bool(getattr(gate, "needs_attention", False))
+        attn_BLD, probs_BLS = self.self_attn(self.input_layernorm(x_BLD), cos_LH, sin_LH, kv_cache, start_pos,
+                                             need_weights=need_weights)
+        h_BLD = x_BLD + attn_BLD
         normed_BLD = self.post_attention_layernorm(h_BLD)
-        ffn_BLD = self.mlp(normed_BLD, ctx) if self.is_moe else self.mlp(normed_BLD)
+        if not self.is_moe:
+            return h_BLD + self.mlp(normed_BLD)
+        if ctx is None:
+            ctx = RoutingContext(batch_shape=tuple(normed_BLD.shape[:-1]), layer_index=self.layer_index)
+        if need_weights:
+            ctx.extras[ATTENTION_KEY] = probs_BLS
+        try:
+            ffn_BLD = self.mlp(normed_BLD, ctx)
+        finally:
+            if need_weights:
+                ctx.extras.pop(ATTENTION_KEY, None)
+        residual_update = getattr(gate, "residual_update", None)
+        if residual_update is not None:
+            ffn_BLD = residual_update(ffn_BLD, ctx.extras)
         return h_BLD + ffn_BLD

@@ -13,6 +13,7 @@ from torch import nn
 
 from ..layer import moe_layers
 from ..routing.base import RoutingContext
+from ..routing.graph import CACHE_KEY, START_POS_KEY
 from .cache import KVCache
 from .config import ModelConfig
 from .layers import DecoderLayer, RMSNorm, RotaryEmbedding
@@ -34,7 +35,11 @@ class MoEDecoder(nn.Module):
         x_BLD = self.embed_tokens(input_ids_BL)
         positions_L = torch.arange(start_pos, start_pos + L, device=input_ids_BL.device)
         cos_LH, sin_LH = self.rotary_emb(positions_L, x_BLD.dtype)
-        extras: dict = {}  # cross-layer routing state, shared by the layers of this call only
+        # Cross-layer routing state, shared by the layers of this call only (momentum, attention probabilities);
+        # routers that read earlier positions keep per-position state in the KV cache.
+        extras: dict = {START_POS_KEY: start_pos}
+        if kv_cache is not None:
+            extras[CACHE_KEY] = kv_cache
         for layer in self.layers:
             ctx = RoutingContext(batch_shape=(B, L), input_ids=input_ids_BL, layer_index=layer.layer_index,
                                  extras=extras)
@@ -55,6 +60,12 @@ class MoELM(nn.Module):
     ``moekit.aux_loss(model)`` after the call. With a router that is not causal (``Router.causal`` False,
     such as expert choice) a token's routing depends on later tokens of the batch, so the model is not
     strictly causal and cached decoding differs from a full forward.
+
+    Routers with state across layers get it through ``RoutingContext.extras``, a dict made afresh for each
+    call: ``momentum`` / ``adam`` (:mod:`moekit.routing.momentum`) change how the MoE output enters the
+    residual stream, ``attention`` (:mod:`moekit.routing.graph`) reads the preceding attention layer's
+    probabilities, and ``similarity`` / ``attention`` keep earlier positions' routing state in the KV cache,
+    so cached decoding matches a full forward for all of them.
     """
 
     def __init__(self, config: ModelConfig | None = None):

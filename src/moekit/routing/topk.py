@@ -138,12 +138,22 @@ class TopKRouter(Router):
                 f"aux_loss={self.aux_loss_kind}, bias_update={self.bias_update}")
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
+        ctx = ctx if ctx is not None else RoutingContext()
         router_in_TD = x_TD
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             router_in_TD = x_TD * noise
         logits_TE = F.linear(router_in_TD.float(), self.weight.float())
-        scores_TE = scores_from_logits(logits_TE, self.score_func)
+        scores_TE = self.mix_scores(x_TD, scores_from_logits(logits_TE, self.score_func), ctx)
+        return self.select(scores_TE, logits_TE, ctx)
+
+    def mix_scores(self, x_TD: torch.Tensor, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
+        """Hook for subclasses that combine the tokens' scores before selection (graph-of-tokens routing)."""
+        return scores_TE
+
+    def select(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """Top-k selection on ``scores_TE`` (plus the selection bias, within the allowed groups), gate weights
+        from the scores, balancing losses in training."""
         choice_TE = scores_TE
         if self.bias_update is not None:
             choice_TE = scores_TE.detach() + self.e_score_correction_bias
