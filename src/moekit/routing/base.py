@@ -98,6 +98,12 @@ class Router(nn.Module):
     Subclasses are constructed as ``cls(dim=..., num_experts=..., top_k=..., **options)``. Class attributes
     describe the method: ``causal`` is False for routers whose choice for a token depends on later tokens of
     the batch (expert choice, batch Sinkhorn), ``learned`` is False for routers with no trainable gate.
+
+    Optional hooks a model looks for (``moekit.model.MoELM`` does): ``needs_attention = True`` asks the model to
+    put the preceding attention layer's head-averaged probabilities in ``ctx.extras["attention_probs"]``;
+    ``residual_update(f_BLD, extras) -> delta_BLD`` replaces the plain residual ``x + f`` (MomentumSMoE keeps
+    its momentum in ``extras``); ``extras["kv_cache"]`` / ``extras["start_pos"]`` let routers keep per-position
+    state for cached decoding (see :mod:`moekit.routing.graph`).
     """
 
     causal: bool = True
