@@ -10,6 +10,9 @@ from .dispatch.plan import DROP_POLICIES
 from .experts.activations import ACTIVATIONS
 
 # Router settings that MoEConfig holds as fields and hands to the router's constructor when it accepts them.
+# The value of a router setting that means "this method is off": asking a router that has no such method
+# for it to be off is not an error.
+ROUTER_OFF_VALUES = {"aux_loss": None, "bias_update": None, "z_loss_coef": 0.0, "jitter": 0.0}
 ROUTER_FIELDS = (
     "score_func", "norm_topk", "scaling_factor", "num_groups", "topk_groups", "jitter",
     "aux_loss", "aux_loss_coef", "z_loss_coef", "bias_update", "bias_update_rate",
@@ -115,7 +118,7 @@ class MoEConfig:
             value = getattr(self, name)
             if name in params or takes_any:
                 kwargs[name] = value
-            elif value != defaults[name]:
+            elif value != defaults[name] and not (name in ROUTER_OFF_VALUES and value == ROUTER_OFF_VALUES[name]):
                 raise ValueError(f"{name}: router {self.router!r} does not take this setting")
         kwargs.update(self.router_options)
         return kwargs
