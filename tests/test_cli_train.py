@@ -173,3 +173,18 @@ def test_trace_and_report(capsys):
     assert "nope" in _one_line_error(capsys, ["report", "tr.safetensors", "--groups", "nope,json"])
     Path("bad.safetensors").write_bytes(b"not a trace")
     _one_line_error(capsys, ["report", "bad.safetensors"])
+
+
+def test_compare_writes_table(capsys):
+    out = Path("cmp")
+    assert main(["compare", "--quick", "--steps", "4", "--methods", "hash,topk,lossfree", "--out", str(out),
+                 "--no-progress"]) == 0
+    table = json.loads((out / "compare.json").read_text())["results"]
+    assert [r["method"] for r in table] == ["topk", "hash", "lossfree"]  # the baseline first
+    assert table[0]["step_time_vs_topk"] == 1.0
+    for r in table:
+        assert 0 <= r["fluctuation_rate"] <= 1 and r["val_bits_per_byte"] > 0 and r["max_vio_worst"] >= 0
+    md = (out / "compare.md").read_text()
+    assert md.count("\n| ") == 4 and (out / "compare_val_bits_per_byte.png").stat().st_size > 0
+    capsys.readouterr()
+    assert "unknown method" in _one_line_error(capsys, ["compare", "--methods", "nope"])

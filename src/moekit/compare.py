@@ -14,7 +14,6 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -93,13 +92,11 @@ def _probe(model, probe_ids) -> tuple[list[torch.Tensor], list[float]]:
 def run_method(name: str, out_dir: Path, corpus, model_over: dict, moe_over: dict, train_over: dict,
                probe_ids: torch.Tensor, progress: bool) -> dict:
     from .model.config import ModelConfig
-    from .train.config import TrainConfig
+    from .train.config import TrainConfig, moe_settings
     from .train.loop import Trainer, evaluate, new_run_config, routing_is_causal
 
     desc, method_over = METHODS[name]
-    base_moe = asdict(ModelConfig(**model_over).moe)
-    base_moe.pop("dim")
-    moe = {**base_moe, **moe_over, **method_over}
+    moe = moe_settings(model_over, {**moe_over, **method_over})
     model_cfg = ModelConfig(**model_over, moe=moe)
     train_cfg = TrainConfig(**train_over)
     run_dir = out_dir / name

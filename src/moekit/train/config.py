@@ -188,8 +188,28 @@ def build_configs(args: argparse.Namespace, base: dict | None = None) -> tuple[M
             _, section, name = key.split("__", 2)
             tables[section]["init_std" if (section, name) == ("moe", "init_std") else name] = value
     if moe:  # unknown keys are rejected by MoEConfig.from_dict
-        defaults = asdict(ModelConfig(**{k: model[k] for k in ("dim",) if k in model}).moe)
-        defaults.pop("dim")
-        defaults.update(moe)
-        model["moe"] = defaults
+        model["moe"] = moe_settings(model, moe)
     return ModelConfig.from_dict(model), TrainConfig.from_dict(train)
+
+
+def moe_settings(model: dict, moe: dict) -> dict:
+    """The model's default MoE settings updated with ``moe``.
+
+    A default token-choice setting the chosen router does not take (Qwen3-MoE's ``norm_topk=True`` for hash
+    routing, say) falls back to MoEConfig's neutral default instead of being an error; settings given in ``moe``
+    are passed on as they are, so a setting the router cannot honour is still reported.
+    """
+    import inspect
+
+    from .. import routing
+    from ..config import ROUTER_FIELDS
+
+    defaults = asdict(ModelConfig(**{k: model[k] for k in ("dim",) if k in model}).moe)
+    defaults.pop("dim")
+    params = inspect.signature(routing.get(moe.get("router", defaults["router"])).__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        neutral = {f.name: f.default for f in fields(MoEConfig)}
+        for name in ROUTER_FIELDS:
+            if name not in params and name not in moe:
+                defaults[name] = neutral[name]
+    return {**defaults, **moe}
