@@ -282,3 +282,25 @@ def test_expert_capacity_formula():
     from moekit.dispatch import expert_capacity
     for cf, S, E in [(1.0, 12, 4), (1.25, 10, 4), (0.1, 3, 8), (2.0, 7, 3), (1.0, 1, 1)]:
         assert expert_capacity(cf, S, E) == max(1, math.ceil(cf * S / E))
+
+
+def test_bfloat16_layer_runs_the_kernel_path_and_stays_close_to_float32():
+    """The dtype used on GPUs: bfloat16 weights and input through torch._grouped_mm (on the CPU here)."""
+    import moekit
+    from moekit.dispatch import grouped
+
+    torch.manual_seed(0)
+    layer = moekit.MoE(dim=64, hidden_dim=32, num_experts=8, top_k=2, aux_loss=None)
+    x = torch.randn(4, 16, 64)
+    ref = layer(x)
+    layer_bf16 = moekit.MoE(dim=64, hidden_dim=32, num_experts=8, top_k=2, aux_loss=None).to(torch.bfloat16)
+    layer_bf16.load_state_dict(layer.state_dict())
+    w = layer_bf16.experts.gate_up_proj
+    assert grouped._use_kernel(x.bfloat16().reshape(-1, 64), w.transpose(1, 2))
+    x_bf16 = x.bfloat16().requires_grad_(True)
+    out = layer_bf16(x_bf16)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and x_bf16.grad.dtype == torch.bfloat16
+    rel = (out.float() - ref).abs().max() / ref.abs().max()
+    assert rel < 3e-2
+    assert torch.isfinite(w.grad.float()).all() and w.grad.abs().sum() > 0
