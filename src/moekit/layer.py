@@ -102,7 +102,7 @@ class MoE(nn.Module):
             self._warned_unbalanced = True
             if self.gate.learned and not self.gate.has_balancing() and torch.is_grad_enabled():
                 warnings.warn("moekit.MoE: training with every load-balancing method off (aux_loss=None, "
-                              "bias_update=None); experts may collapse", stacklevel=2)
+                              "bias_update=None); experts may collapse", stacklevel=4)
         routing_out = self.gate(x_TD, ctx)
         cfg = self.config
         plan = make_plan(routing_out, cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity)
