@@ -90,8 +90,16 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
     # token ids for routers that read them (hash routing): one sequence of random byte ids
     input_ids = torch.randint(0, 256, (1, shape["tokens"]), generator=gen).to(device)
 
+    extras = {}
+    if getattr(moe.gate, "needs_attention", False):
+        # attention-aware routing reads the preceding attention layer's probabilities: a causal running mean
+        # stands in for them here (what the layer is timed on, not what a model would learn)
+        n = shape["tokens"]
+        causal_TT = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).unsqueeze(1)
+        extras["attention_probs"] = causal_TT.unsqueeze(0).to(device)
+
     def ctx():
-        return RoutingContext(batch_shape=(1, shape["tokens"]), input_ids=input_ids)
+        return RoutingContext(batch_shape=(1, shape["tokens"]), input_ids=input_ids, extras=dict(extras))
 
     dout = torch.randn(shape["tokens"], shape["dim"], generator=gen).to(device=device, dtype=dtype)
     params = list(moe.parameters())
