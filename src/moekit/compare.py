@@ -22,14 +22,15 @@ from . import routing
 from .routing.graph import routing_fluctuation_rate
 from .io import atomic_write_bytes, atomic_write_json
 
-# name -> (description, MoEConfig overrides). Routers missing from the registry are skipped with a note.
+# name -> (description, MoEConfig overrides). The loss-free bias step u is 1e-2 rather than DeepSeek's 1e-3:
+# these runs are hundreds of steps long, not tens of thousands, and the bias must be able to move in them.
 METHODS: dict[str, tuple[str, dict]] = {
     "topk": ("token-choice top-k, switch auxiliary loss", {}),
     "topk-sequence": ("top-k, sequence-level auxiliary loss", {"aux_loss": "sequence"}),
     "topk-global": ("top-k, global-batch auxiliary loss", {"aux_loss": "global"}),
     "topk-zloss": ("top-k, switch loss + router z-loss", {"z_loss_coef": 1e-3}),
     "lossfree": ("top-k, auxiliary-loss-free bias (DeepSeek sign rule)",
-                 {"aux_loss": None, "bias_update": "sign", "bias_update_rate": 1e-3}),
+                 {"aux_loss": None, "bias_update": "sign", "bias_update_rate": 1e-2}),
     "lossfree-primal-dual": ("top-k, auxiliary-loss-free bias (primal-dual, decaying step)",
                              {"aux_loss": None, "bias_update": "decaying", "bias_update_rate": 1e-1}),
     "expert_choice": ("expert choice (not causal)", {"router": "expert_choice", "aux_loss": None}),
