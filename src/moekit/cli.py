@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_generate(sub)
     commands.add_trace(sub)
     commands.add_report(sub)
+    commands.add_inspect(sub)
+    commands.add_export(sub)
     from . import compare
 
     p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")

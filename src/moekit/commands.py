@@ -264,3 +264,38 @@ def cmd_report(args) -> int:
     print(summary_text(analysis=an))
     _err(f"report: {index} ({time.perf_counter() - t0:.1f}s)")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------ inspect
+def add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="MoE structure, parameters and memory of a transformers checkpoint folder "
+                                       "(reads config.json and safetensors headers only)")
+    p.add_argument("path", help="local transformers checkpoint folder (config.json + *.safetensors)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_inspect)
+
+
+def cmd_inspect(args) -> int:
+    from .hf.inspect import format_info, inspect_checkpoint
+
+    info = inspect_checkpoint(args.path)
+    print(json.dumps(info.to_dict()) if args.json else format_info(info))
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ export
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a run as a transformers checkpoint (Qwen3MoeForCausalLM)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("out", help="checkpoint folder to write (refused when it exists and is not empty)")
+    p.add_argument("--format", default="hf", choices=("hf",), help="hf: transformers Qwen3-MoE (default)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from .hf.export import export_hf
+
+    out = export_hf(Path(args.run), Path(args.out), force=args.force)
+    _err(f"exported {args.run} -> {out} (transformers Qwen3MoeForCausalLM: config.json, model.safetensors)")
+    return 0
