@@ -1,0 +1,14 @@
+"""transformers integration: ``experts_implementation="moekit"`` and discovery of MoE classes.
+
+Importing this package registers moekit's fused grouped dispatch with transformers (:func:`register`) when
+transformers is installed; the other ``moekit.hf`` modules (inspect, export) keep working without it.
+"""
+from .experts import HFGroupedExperts, make_hf_plan, moekit_experts_forward, register
+from .record import record_routing
+
+try:
+    register()
+except ImportError:  # transformers not installed: nothing to register with
+    pass
+
+__all__ = ["HFGroupedExperts", "make_hf_plan", "moekit_experts_forward", "record_routing", "register"]
