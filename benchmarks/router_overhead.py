@@ -2,7 +2,8 @@
 
 Issue 5's target: ``sinkhorn``, ``ssr`` and ``sparse_ot`` add at most 25% to the layer's forward+backward time
 at the ``olmoe`` shape (T=4096, D=512, F=256, E=64, K=8). All routers are timed in one process, interleaved
-round-robin so that drifts in machine load hit every router alike; the figure is the median of the rounds.
+in a shuffled order each round (seeded) so that drifts in machine load and allocator state hit every router
+alike; the figure is the median of the rounds.
 SSR is timed at its default selectivity and with Sinkhorn on every call (``sinkhorn_prob=1``), its worst case.
 
     python benchmarks/router_overhead.py [--shape olmoe] [--rounds 7] [--json]
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 import warnings
@@ -43,8 +45,9 @@ def main() -> None:
     for label, case in cases:  # warm-up
         case.zero_grad()
         case.fwd_bwd()
+    order = random.Random(0)
     for _ in range(args.rounds):
-        for label, case in cases:
+        for label, case in order.sample(cases, len(cases)):
             case.zero_grad()
             t0 = time.perf_counter()
             case.fwd_bwd()
