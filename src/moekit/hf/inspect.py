@@ -30,6 +30,8 @@ import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from ..io import read_json
+
 __all__ = ["CheckpointInfo", "MoELayerInfo", "inspect_checkpoint", "read_safetensors_header", "format_info"]
 
 DTYPE_BYTES = {
@@ -176,12 +178,7 @@ def _read_config(folder: Path) -> dict:
     path = folder / "config.json"
     if not path.is_file():
         raise ValueError(f"{folder} is not a transformers checkpoint: config.json is missing")
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is not valid JSON ({exc.__class__.__name__})") from None
-    if not isinstance(cfg, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
+    cfg = read_json(path, "checkpoint config")
     for sub in ("text_config", "language_config", "llm_config"):  # multimodal wrappers: the LM's fields win
         if isinstance(cfg.get(sub), dict):
             cfg = {**cfg, **cfg[sub]}
