@@ -5,7 +5,7 @@ One MoE layer with pluggable routers (``moekit.routing``), dropless and capacity
 """
 from . import balance, dispatch, experts, routing
 from .config import MoEConfig
-from .layer import LoadStats, MoE, aux_loss, end_step, moe_layers
+from .layer import LoadStats, MoE, aux_loss, end_step, moe_layers, routed_modules
 from .routing.base import Router, Routing, RoutingContext
 
 __version__ = "0.1.0"
@@ -23,5 +23,6 @@ __all__ = [
     "end_step",
     "experts",
     "moe_layers",
+    "routed_modules",
     "routing",
 ]

@@ -80,6 +80,11 @@ class MoE(nn.Module):
             return None
         return sum(self.aux_losses.values())
 
+    @property
+    def moekit_router(self) -> routing.Router:
+        """The router whose losses and ``end_step`` :func:`aux_loss` / :func:`end_step` look after."""
+        return self.gate
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -123,10 +128,17 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
+def routed_modules(model: nn.Module) -> list[nn.Module]:
+    """Every module that routes with a moekit router: :class:`MoE` layers and anything else exposing
+    ``moekit_router`` and ``aux_loss`` (the router adapters of :mod:`moekit.hf.surgery`)."""
+    return [m for m in model.modules() if hasattr(m, "moekit_router")]
+
+
 def aux_loss(model: nn.Module) -> torch.Tensor:
-    """Sum of the auxiliary losses of every MoE layer's last call (a zero tensor when there are none)."""
+    """Sum of the auxiliary losses of the last call of every routed module (MoE layers, surgered HF routers);
+    a zero tensor when there are none."""
     total = None
-    for layer in moe_layers(model):
+    for layer in routed_modules(model):
         loss = layer.aux_loss
         if loss is not None:
             total = loss if total is None else total + loss
@@ -138,6 +150,7 @@ def aux_loss(model: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def end_step(model: nn.Module) -> None:
-    """Call after each optimiser step: auxiliary-loss-free bias updates, reset of global-batch counters."""
-    for layer in moe_layers(model):
-        layer.gate.end_step()
+    """Call after each optimiser step: auxiliary-loss-free bias updates, reset of global-batch counters, for every
+    routed module (MoE layers, surgered HF routers)."""
+    for module in routed_modules(model):
+        module.moekit_router.end_step()
