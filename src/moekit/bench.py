@@ -286,10 +286,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda")
     p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
+    p.add_argument("--hf", action="store_true", help="time whole transformers models (OLMoE- and DeepSeek-V3-shaped) "
+                   "with the eager, grouped_mm and moekit experts implementations instead (moekit.hf.bench)")
+    p.add_argument("--seq", type=int, default=512, help="with --hf: tokens per sequence (batch 2)")
 
 
 def main_from_args(args) -> int:
     from . import routing
+
+    if args.hf:
+        if not _has_transformers():
+            raise ValueError("--hf needs transformers (pip install moekit[hf])")
+        from .hf.bench import main as hf_main
+
+        argv = ["--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seq", str(args.seq)]
+        if args.json:
+            argv.append("--json")
+        if args.device != "auto":
+            argv += ["--device", args.device]
+        if args.dtype != "auto":
+            argv += ["--dtype", args.dtype]
+        return hf_main(argv)
 
     shapes = [s for s in args.shapes.split(",") if s]
     impls = [s for s in args.impls.split(",") if s]
