@@ -59,22 +59,9 @@ class TopAnyRouter(TopKRouter):
         init_keep_logit: float = 3.0,
         sparsity_coef: float = 1e-2,
         renormalize_kept: bool = False,
-        score_func: str = "softmax",
-        norm_topk: bool = False,
-        scaling_factor: float = 1.0,
-        num_groups: int = 1,
-        topk_groups: int = 1,
-        jitter: float = 0.0,
-        aux_loss: str | None = "switch",
-        aux_loss_coef: float = 1e-2,
-        z_loss_coef: float = 0.0,
-        bias_update: str | None = None,
-        bias_update_rate: float = 1e-3,
+        **topk_options,
     ):
-        super().__init__(dim, num_experts, top_k, score_func=score_func, norm_topk=norm_topk,
-                         scaling_factor=scaling_factor, num_groups=num_groups, topk_groups=topk_groups, jitter=jitter,
-                         aux_loss=aux_loss, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
-                         bias_update=bias_update, bias_update_rate=bias_update_rate)
+        super().__init__(dim, num_experts, top_k, **topk_options)
         if not (isinstance(mask_tau, (int, float)) and mask_tau > 0):
             raise ValueError(f"mask_tau must be > 0, got {mask_tau!r}")
         if not (isinstance(sparsity_coef, (int, float)) and sparsity_coef >= 0):
