@@ -38,6 +38,7 @@ __all__ = [
     "max_violation",
     "bias_step",
     "LoadAccumulator",
+    "global_counts",
 ]
 
 AUX_LOSSES = ("switch", "sequence", "global")
@@ -107,8 +108,8 @@ class LoadAccumulator:
     """Counts assignments per expert across the micro-batches of one optimiser step.
 
     Serves the global-batch auxiliary loss (``f`` over everything seen since the last step) and the
-    auxiliary-loss-free bias (load since the last update). Under torch.distributed, ``synchronise`` sums the
-    counts over a process group so every rank applies the same update.
+    auxiliary-loss-free bias (load since the last update). Under data parallelism the router adds counts
+    already summed over the ranks (:func:`global_counts`), so every rank applies the same update.
     """
 
     def __init__(self, num_experts: int):
@@ -122,8 +123,12 @@ class LoadAccumulator:
     def reset(self) -> None:
         self.counts_E.zero_()
 
-    def synchronise(self, group=None) -> None:
-        import torch.distributed as dist
 
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(self.counts_E, group=group)
+@torch.no_grad()
+def global_counts(counts_E: torch.Tensor, num_tokens: int, group) -> tuple[torch.Tensor, int]:
+    """``(counts_E summed over the ranks of group, tokens summed over the ranks)`` in one all-reduce."""
+    import torch.distributed as dist
+
+    both = torch.cat([counts_E.detach().to(torch.float64), counts_E.new_tensor([num_tokens], dtype=torch.float64)])
+    dist.all_reduce(both, group=group)
+    return both[:-1].to(counts_E.dtype), int(both[-1])

@@ -26,41 +26,86 @@ def add_train(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+LAYOUT_FLAGS = ("cfg__train__steps", "cfg__train__expert_parallel", "cfg__train__overlap_chunks")
+
+
 def cmd_train(args) -> int:
+    """Train a new run or resume one; under torchrun every process runs this (rank 0 writes the files)."""
     from .train import (NonFiniteLoss, build_configs, new_run_config, read_run_config, read_toml, run_training)
     from .io import atomic_write_json
+    from .parallel import ParallelLayout
 
     if args.resume:
         run_dir = Path(args.resume)
         base = read_run_config(run_dir)
         flags = [k for k in vars(args) if k.startswith("cfg__")]
-        if args.config or args.data or [f for f in flags if f != "cfg__train__steps"]:
-            raise ValueError("--resume continues a run as configured; only --steps may change")
+        if args.config or args.data or [f for f in flags if f not in LAYOUT_FLAGS]:
+            raise ValueError("--resume continues a run as configured; only --steps, --expert-parallel and "
+                             "--overlap-chunks may change")
         model_cfg, train_cfg = build_configs(args, base)
         run_config = {**base, "model": model_cfg.to_dict(), "train": vars(train_cfg).copy()}
-        atomic_write_json(run_dir / "config.json", run_config)
     else:
         base = read_toml(args.config) if args.config else {}
         if args.data and not Path(args.data).exists():
             raise FileNotFoundError(f"--data: {args.data} does not exist")
         model_cfg, train_cfg = build_configs(args, base)
-        name = args.name or time.strftime("run-%Y%m%d-%H%M%S")
-        run_dir = Path(args.out) / name
-        if run_dir.exists():
-            raise ValueError(f"run folder {run_dir} already exists; choose another --name or --resume it")
         run_config = new_run_config(model_cfg, train_cfg, str(Path(args.data).resolve()) if args.data else None)
-        run_dir.mkdir(parents=True)
-        atomic_write_json(run_dir / "config.json", run_config)
+    layout = ParallelLayout.initialise(train_cfg.expert_parallel, model_cfg.moe.num_experts, train_cfg.batch_size)
     try:
-        run_training(run_dir, run_config, resume=bool(args.resume), log=_err, progress=not args.no_progress)
-    except NonFiniteLoss as exc:
-        _err(f"moekit train: {exc}")
-        return 1
-    except KeyboardInterrupt:
-        _err(f"moekit train: interrupted; checkpoint saved; continue with: moekit train --resume {run_dir}")
-        return 130
-    _err(f"run folder: {run_dir}")
-    return 0
+        if not args.resume:
+            run_dir = Path(args.out) / (args.name or time.strftime("run-%Y%m%d-%H%M%S",
+                                                                   time.localtime(_shared_time(layout))))
+            if run_dir.exists():
+                raise ValueError(f"run folder {run_dir} already exists; choose another --name or --resume it")
+            _barrier(layout)
+            if layout.is_main:
+                run_dir.mkdir(parents=True)
+        if layout.is_main:
+            atomic_write_json(run_dir / "config.json", run_config)
+        _barrier(layout)
+        try:
+            run_training(run_dir, run_config, resume=bool(args.resume), log=_err, progress=not args.no_progress,
+                         layout=layout)
+        except NonFiniteLoss as exc:
+            _err(f"moekit train: {exc}")
+            return 1
+        except KeyboardInterrupt:
+            if layout.world_size > 1:
+                _err(f"moekit train: interrupted; the last checkpoint is kept; continue with: "
+                     f"torchrun --nproc-per-node {layout.world_size} -m moekit train --resume {run_dir} "
+                     f"--expert-parallel {layout.ep_size}")
+            else:
+                _err(f"moekit train: interrupted; checkpoint saved; continue with: moekit train --resume {run_dir}")
+            return 130
+        if layout.is_main:
+            _err(f"run folder: {run_dir}")
+        return 0
+    finally:
+        if layout.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _barrier(layout) -> None:
+    if layout.world_size > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def _shared_time(layout) -> float:
+    """Rank 0's clock, so that every rank names a new run folder the same."""
+    now = time.time()
+    if layout.world_size == 1:
+        return now
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([now], dtype=torch.float64)
+    dist.broadcast(t, src=0)
+    return float(t)
 
 
 # ------------------------------------------------------------------------------------------------ eval

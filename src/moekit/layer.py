@@ -69,6 +69,8 @@ class MoE(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.dim, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, std=config.init_std)
+        self.dispatcher = None  # None: local dispatch; an AllToAllDispatcher under expert parallelism
+        self.data_parallel_size = 1  # ranks whose losses are summed (moekit.parallel sets it)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: Routing | None = None
         self.load: LoadStats | None = None
@@ -111,13 +113,20 @@ class MoE(nn.Module):
         routing_out = self.gate(x_TD, ctx)
         cfg = self.config
         plan = make_plan(routing_out, cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity)
-        out_TD = dispatch_local(x_TD, plan, self.experts)
+        if self.dispatcher is None:
+            out_TD = dispatch_local(x_TD, plan, self.experts)
+        else:
+            out_TD = self.dispatcher(x_TD, plan, self.experts)
         if cfg.num_shared_experts > 0:
             shared_TD = self.shared_expert(x_TD)
             if cfg.shared_expert_gate:
                 shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
             out_TD = out_TD + shared_TD
         self.aux_losses = routing_out.aux_losses
+        if self.data_parallel_size > 1 and self.gate.data_group is None:
+            # The router's losses are means over this rank's tokens: each rank contributes its share of the
+            # average over ranks (losses are summed over ranks, see moekit.parallel).
+            self.aux_losses = {k: v / self.data_parallel_size for k, v in self.aux_losses.items()}
         self.last_routing = routing_out
         self.load = LoadStats(plan.routed_E.detach(), plan.kept_E.detach(), plan.num_pairs, plan.num_dropped)
         return out_TD.view(shape)

@@ -26,6 +26,14 @@ class DomainBits:
         self.nats_D += torch.bincount(domain_N, weights=nats_N, minlength=len(self.domains))
         self.count_D += torch.bincount(domain_N, minlength=len(self.domains)).to(torch.float64)
 
+    def all_reduce(self, group=None) -> None:
+        """Sum the counters over the ranks of ``group`` (torch.distributed)."""
+        import torch.distributed as dist
+
+        both = torch.stack([self.nats_D, self.count_D])
+        dist.all_reduce(both, group=group)
+        self.nats_D, self.count_D = both[0].clone(), both[1].clone()
+
     @property
     def num_tokens(self) -> int:
         return int(self.count_D.sum())

@@ -109,6 +109,10 @@ class Router(nn.Module):
     causal: bool = True
     learned: bool = True
     balances_itself: bool = False
+    # Data parallelism (moekit.parallel): routers that compute their losses over the global batch set
+    # ``global_batch_losses = True``; ``moekit.parallel`` then gives them the process group in ``data_group``.
+    global_batch_losses: bool = False
+    data_group = None
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
         super().__init__()

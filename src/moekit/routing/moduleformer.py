@@ -93,6 +93,8 @@ class ModuleFormerRouter(TopKRouter):
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, balance={self.balance}, "
                 f"coef={self.coef}")
 
+    global_batch_losses = False  # the MI and concentration losses are estimated on each rank's tokens
+
     def _aux_losses(self, routing: Routing, ctx: RoutingContext | None) -> dict[str, torch.Tensor]:
         losses = super()._aux_losses(routing, ctx)
         if self.coef > 0:

@@ -69,7 +69,13 @@ class TopKRouter(Router):
             checkpoints) is added to the scores for selection only and is updated by :meth:`end_step`.
 
     The router math runs in float32 whatever the input dtype.
+
+    Under data parallelism (``data_group`` set by :mod:`moekit.parallel`) the losses are the global batch's:
+    the expert counts are summed over the ranks first, each rank returns its share of the global loss (the
+    shares sum to the loss of the whole batch) and the bias moves on the global load.
     """
+
+    global_batch_losses = True
 
     def __init__(
         self,
@@ -175,6 +181,10 @@ class TopKRouter(Router):
     def _aux_losses(self, routing: Routing, ctx: RoutingContext | None) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         counts_E = routing.tokens_per_expert()
+        share = 1.0  # this rank's tokens / the global batch's tokens
+        if self.data_group is not None:
+            counts_E, num_tokens = balance.global_counts(counts_E, routing.num_tokens, self.data_group)
+            share = routing.num_tokens / max(num_tokens, 1)
         track_load = self.bias_update is not None or self.aux_loss_kind == "global"
         if track_load:
             self.load.add(counts_E)
@@ -189,6 +199,8 @@ class TopKRouter(Router):
             losses["global"] = self.aux_loss_coef * balance.switch_loss(routing.probs, self.load.counts_E)
         if self.z_loss_coef > 0:
             losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits)
+        if share != 1.0:
+            losses = {name: loss * share for name, loss in losses.items()}
         return losses
 
     def balancing_state(self) -> dict:
@@ -201,7 +213,6 @@ class TopKRouter(Router):
     def end_step(self) -> None:
         """After an optimiser step: apply the bias rule to the load seen since the last step, then reset."""
         if self.bias_update is not None and self.load.counts_E.sum() > 0:
-            self.load.synchronise()
             self._bias_updates += 1
             balance.bias_step(self.e_score_correction_bias, self.load.counts_E.to(self.e_score_correction_bias.device),
                               self.bias_update, self.bias_update_rate, self._bias_updates)

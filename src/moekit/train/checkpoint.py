@@ -31,9 +31,8 @@ RUN_FORMAT = "moekit-run"
 RUN_VERSION = 1
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Flatten ``optimizer.state_dict()`` into safetensors tensors plus JSON metadata (no pickle)."""
-    state = optimizer.state_dict()
+def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Flatten an optimizer state dict into safetensors tensors plus JSON metadata (no pickle)."""
     tensors = {}
     for index, param_state in state["state"].items():
         for name, value in param_state.items():
@@ -43,7 +42,9 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch
     return tensors, {"param_groups": json.dumps(state["param_groups"])}
 
 
-def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None:
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path, sharding=None) -> None:
+    """Restore ``optimizer`` from ``path``; ``sharding`` (a :class:`moekit.parallel.ExpertSharding`) slices the
+    single-process state to this rank's experts."""
     from safetensors import safe_open
 
     tensors = load_safetensors(path, "optimizer state")
@@ -55,24 +56,31 @@ def load_optimizer_tensors(optimizer: torch.optim.Optimizer, path: Path) -> None
     for key, value in tensors.items():
         _, index, name = key.split(".", 2)
         state.setdefault(int(index), {})[name] = value
+    full = {"state": state, "param_groups": json.loads(meta["param_groups"])}
     try:
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        if sharding is not None:
+            full = sharding.shard_optimizer_state(full, optimizer, f"optimizer state {path}")
+        optimizer.load_state_dict(full)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise ValueError(f"optimizer state {path} does not fit this model ({exc})") from None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(run_dir: Path, step: int, model_tensors: dict[str, torch.Tensor], optimizer_state: dict,
                     state: dict, keep: int = 2) -> Path:
-    """Write ``checkpoints/step-N`` atomically, then ``model.safetensors`` and ``latest.json``; prune old ones."""
+    """Write ``checkpoints/step-N`` atomically, then ``model.safetensors`` and ``latest.json``; prune old ones.
+
+    ``model_tensors`` is the model's state dict and ``optimizer_state`` the optimizer's, both in the
+    single-process layout (expert-parallel runs gather them first), so that a checkpoint does not depend on
+    the layout that wrote it.
+    """
     ckpt_root = run_dir / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".step-{step:07d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    model_tensors = {k: v for k, v in model.state_dict().items()}
     atomic_save_safetensors(tmp / "model.safetensors", model_tensors, {"format": RUN_FORMAT})
-    opt_tensors, opt_meta = optimizer_tensors(optimizer)
+    opt_tensors, opt_meta = optimizer_tensors(optimizer_state)
     atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors, opt_meta)
     atomic_save_safetensors(tmp / "rng.safetensors", {"torch": torch.get_rng_state()})
     atomic_write_json(tmp / "state.json", {"step": step, **state})
@@ -98,21 +106,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
-    """Restore model, optimizer and RNG from a checkpoint folder; returns its ``state.json``."""
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None,
+                    sharding=None) -> dict:
+    """Restore model, optimizer and RNG from a checkpoint folder; returns its ``state.json``. ``sharding``
+    (a :class:`moekit.parallel.ExpertSharding`) takes this rank's experts out of the single-process tensors."""
     state = read_json(path / "state.json", "checkpoint state")
-    load_model_weights(model, path / "model.safetensors")
+    load_model_weights(model, path / "model.safetensors", sharding)
     if optimizer is not None:
-        load_optimizer_tensors(optimizer, path / "optimizer.safetensors")
+        load_optimizer_tensors(optimizer, path / "optimizer.safetensors", sharding)
     rng = load_safetensors(path / "rng.safetensors", "RNG state")
     torch.set_rng_state(rng["torch"])
     return state
 
 
-def load_model_weights(model: torch.nn.Module, path: Path) -> None:
+def load_model_weights(model: torch.nn.Module, path: Path, sharding=None) -> None:
     """Load a safetensors state dict strictly; ``ValueError`` naming the mismatch otherwise."""
     tensors = load_safetensors(path, "weights file")
     own = model.state_dict()
+    if sharding is not None and not (set(own) - set(tensors)):
+        tensors = sharding.shard_state_dict(tensors, f"weights file {path}")
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     if missing or unexpected:

@@ -31,6 +31,10 @@ class TrainConfig:
     AdamW with linear warm-up over ``warmup_steps`` then cosine decay to ``min_lr_ratio * lr``; gradient
     clipping at ``grad_clip`` (0 disables). ``eval_every`` runs a validation pass on ``eval_windows`` windows
     during training (0: only at the end, where ``final_eval_windows`` windows are scored; None: all).
+
+    ``expert_parallel`` shards the experts over that many processes (launch with torchrun; see
+    :mod:`moekit.parallel`); ``overlap_chunks`` is the overlap degree r of the all-to-all exchange (0: chosen
+    by the fitted cost model of :mod:`moekit.parallel.cost_model`).
     """
 
     steps: int = 400
@@ -51,6 +55,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     dtype: str = "float32"
     threads: int | None = None
+    expert_parallel: int = 1
+    overlap_chunks: int = 1
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
@@ -66,6 +72,8 @@ class TrainConfig:
         _check_int("keep_checkpoints", self.keep_checkpoints, 1)
         if self.threads is not None:
             _check_int("threads", self.threads, 1)
+        _check_int("expert_parallel", self.expert_parallel, 1)
+        _check_int("overlap_chunks", self.overlap_chunks, 0)
         for name in ("lr", "beta1", "beta2"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and v > 0 and math.isfinite(v)):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -22,6 +23,7 @@ from ..layer import aux_loss, end_step, moe_layers
 from ..model import MoELM, ModelConfig, param_counts
 from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, load_checkpoint, load_model_weights,
                          read_run_config, save_checkpoint)
+from ..parallel import ExpertSharding, ParallelLayout, expert_parallel
 from .config import TrainConfig
 
 LN2 = math.log(2.0)
@@ -41,8 +43,14 @@ def routing_is_causal(model: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: int,
-             max_windows: int | None = None, progress: bool = False) -> dict:
-    """Validation loss (nats), bits per byte, perplexity, overall and per domain."""
+             max_windows: int | None = None, progress: bool = False, layout: ParallelLayout | None = None) -> dict:
+    """Validation loss (nats), bits per byte, perplexity, overall and per domain.
+
+    Under ``layout`` (more than one rank) every rank scores its share of each batch's rows and the sums are
+    all-reduced; a rank left without rows runs the batch's first row unscored, since every rank must take
+    part in the experts' all-to-all.
+    """
+    world = layout.world_size if layout is not None else 1
     was_training = model.training
     model.eval()
     bits = DomainBits(corpus.domains)
@@ -56,10 +64,20 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: i
             total = math.ceil(max_windows / batch_size)
         iterator = tqdm(batches, desc="eval", total=total, leave=False, file=sys.stderr, dynamic_ncols=True)
     for vb in iterator:
-        logits_BLV = model(vb.input_ids)
-        nats_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), vb.targets, ignore_index=IGNORE_INDEX,
+        input_ids, targets, domain_ids = vb.input_ids, vb.targets, vb.domain_ids
+        if world > 1:
+            rows = torch.tensor_split(torch.arange(input_ids.shape[0]), world)[layout.rank]
+            scored = len(rows) > 0
+            rows = rows if scored else torch.zeros(1, dtype=torch.int64)
+            input_ids, targets, domain_ids = input_ids[rows], targets[rows], domain_ids[rows]
+            if not scored:
+                domain_ids = torch.full_like(domain_ids, -1)
+        logits_BLV = model(input_ids)
+        nats_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
                                   reduction="none")
-        bits.add(nats_BL, vb.domain_ids)
+        bits.add(nats_BL, domain_ids)
+    if world > 1:
+        bits.all_reduce(layout.data_group)
     model.train(was_training)
     bpb = bits.bits_per_byte()
     per_domain = bits.per_domain()
@@ -73,15 +91,16 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: i
     }
 
 
-def _layer_stats(model) -> tuple[list[float], list[list[int]]]:
-    vios, loads = [], []
-    for layer in moe_layers(model):
-        if layer.load is None:
-            continue
-        counts = layer.load.routed_E.tolist()
-        loads.append(counts)
-        vios.append(balance.max_violation(layer.load.routed_E))
-    return vios, loads
+def _layer_stats(model, layout: ParallelLayout | None = None) -> tuple[list[float], list[list[int]]]:
+    """MaxVio and routed load of every MoE layer's last call (summed over the ranks of ``layout``)."""
+    counts = [layer.load.routed_E for layer in moe_layers(model) if layer.load is not None]
+    if counts and layout is not None and layout.world_size > 1:
+        import torch.distributed as dist
+
+        stacked = torch.stack(counts).to(torch.int64)
+        dist.all_reduce(stacked, group=layout.data_group)
+        counts = list(stacked)
+    return [balance.max_violation(c) for c in counts], [c.tolist() for c in counts]
 
 
 def new_run_config(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str | None) -> dict:
@@ -138,8 +157,10 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 class Trainer:
     """Owns one run folder: model, optimiser, data, metrics, checkpoints."""
 
-    def __init__(self, run_dir: Path, run_config: dict, corpus: Corpus, log=print, progress: bool = True):
+    def __init__(self, run_dir: Path, run_config: dict, corpus: Corpus, log=print, progress: bool = True,
+                 layout: ParallelLayout | None = None):
         self.run_dir = Path(run_dir)
+        self.layout = layout if layout is not None else ParallelLayout.single()
         self.run_config = run_config
         self.model_cfg = ModelConfig.from_dict(run_config["model"])
         self.cfg = TrainConfig.from_dict(run_config["train"])
@@ -149,11 +170,23 @@ class Trainer:
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
         self.model = build_model(self.model_cfg, self.cfg).train()
+        self.description = describe(self.model, self.model_cfg)
+        self.sharding: ExpertSharding | None = None
+        self.chunks = self.cfg.overlap_chunks or 1
+        if self.layout.world_size > 1:
+            self.sharding = expert_parallel(self.model, self.layout, self.chunks)
+            if self.cfg.overlap_chunks == 0 and self.layout.ep_size > 1:
+                from ..parallel.cost_model import choose_chunks
+
+                rows = self.cfg.batch_size // self.layout.world_size * self.cfg.seq_len * self.model_cfg.moe.top_k
+                self.chunks, self.cost_model = choose_chunks(self.layout, moe_layers(self.model)[0].experts, rows)
+                self.sharding.set_chunks(self.chunks)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.batches = TrainBatches(corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed)
         self.step = 0
         self.elapsed = 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
+        self.interrupted_at: int | None = None
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -161,21 +194,34 @@ class Trainer:
         return {"batches": self.batches.state_dict(), "elapsed": self.elapsed,
                 "balancing": [layer.gate.balancing_state() for layer in layers]}
 
-    def save(self) -> Path:
-        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self.state(),
-                               keep=self.cfg.keep_checkpoints)
+    def save(self) -> Path | None:
+        """Write a checkpoint in the single-process layout (expert shards gathered first; rank 0 writes)."""
+        if self.sharding is None:
+            return save_checkpoint(self.run_dir, self.step, self.model.state_dict(), self.optimizer.state_dict(),
+                                   self.state(), keep=self.cfg.keep_checkpoints)
+        import torch.distributed as dist
+
+        tensors = self.sharding.full_state_dict()
+        opt_state = self.sharding.full_optimizer_state(self.optimizer)
+        path = None
+        if self.layout.is_main:
+            path = save_checkpoint(self.run_dir, self.step, tensors, opt_state, self.state(),
+                                   keep=self.cfg.keep_checkpoints)
+        dist.barrier()
+        return path
 
     def resume(self) -> None:
         ckpt = latest_checkpoint(self.run_dir)
         if ckpt is None:
             raise ValueError(f"{self.run_dir} has no checkpoint to resume from")
-        state = load_checkpoint(ckpt, self.model, self.optimizer)
+        state = load_checkpoint(ckpt, self.model, self.optimizer, self.sharding)
         self.step = int(state["step"])
         self.elapsed = float(state.get("elapsed", 0.0))
         self.batches.load_state_dict(state["batches"])
         for layer, st in zip(moe_layers(self.model), state.get("balancing", [])):
             layer.gate.load_balancing_state(st)
-        _truncate_metrics(self.metrics_path, self.step)
+        if self.layout.is_main:
+            _truncate_metrics(self.metrics_path, self.step)
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -184,6 +230,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         input_ids_BL, targets_BL = next(self.batches)
+        if self.sharding is not None:
+            return self._distributed_step(input_ids_BL, targets_BL, lr)
         logits_BLV = self.model(input_ids_BL)
         ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
                              ignore_index=IGNORE_INDEX)
@@ -197,10 +245,41 @@ class Trainer:
         if cfg.grad_clip > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
         self.optimizer.step()
-        vios, loads = _layer_stats(self.model)
+        return self._finish_step(float(ce.detach()), float(aux.detach()), lr, grad_norm)
+
+    def _distributed_step(self, input_ids_BL: torch.Tensor, targets_BL: torch.Tensor, lr: float) -> dict:
+        """One step on this rank's rows of the global batch; every loss is this rank's share of the global
+        loss and gradients are summed (see :mod:`moekit.parallel.sharding`)."""
+        import torch.distributed as dist
+
+        layout, cfg = self.layout, self.cfg
+        rows = input_ids_BL.shape[0] // layout.world_size
+        mine = slice(layout.rank * rows, (layout.rank + 1) * rows)
+        input_ids_BL, targets_BL = input_ids_BL[mine], targets_BL[mine]
+        scored = torch.tensor([float((targets_BL != IGNORE_INDEX).sum())], dtype=torch.float64)
+        dist.all_reduce(scored, group=layout.data_group)
+        logits_BLV = self.model(input_ids_BL)
+        ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum") / max(float(scored), 1.0)
+        aux = aux_loss(self.model)
+        totals = torch.stack([ce.detach(), aux.detach()]).double()
+        dist.all_reduce(totals, group=layout.data_group)
+        ce_total, aux_total = float(totals[0]), float(totals[1])
+        if not math.isfinite(ce_total + aux_total):
+            raise NonFiniteLoss(f"loss became non-finite ({ce_total + aux_total}) at step {self.step + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        (ce + aux).backward()
+        self.sharding.sync_gradients()
+        grad_norm = float("nan")
+        if cfg.grad_clip > 0:
+            grad_norm = self.sharding.clip_grad_norm(cfg.grad_clip)
+        self.optimizer.step()
+        return self._finish_step(ce_total, aux_total, lr, grad_norm)
+
+    def _finish_step(self, ce: float, aux: float, lr: float, grad_norm: float) -> dict:
+        vios, loads = _layer_stats(self.model, self.layout)
         end_step(self.model)
         self.step += 1
-        ce, aux = float(ce.detach()), float(aux.detach())
         return {"step": self.step, "loss": ce, "aux_loss": aux, "bits_per_byte": ce / LN2,
                 "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
 
@@ -210,11 +289,12 @@ class Trainer:
 
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.seq_len
+        main = self.layout.is_main
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
-                   disable=not self.progress, dynamic_ncols=True)
+                   disable=not (self.progress and main), dynamic_ncols=True)
         last_good = self.step
         try:
-            with open(self.metrics_path, "a", encoding="utf-8") as metrics:
+            with open(self.metrics_path if main else os.devnull, "a", encoding="utf-8") as metrics:
                 while self.step < cfg.steps:
                     t0 = time.perf_counter()
                     rec = self.train_step()
@@ -223,7 +303,8 @@ class Trainer:
                     rec["tokens_per_s"] = tokens_per_step / dt
                     rec["time"] = self.elapsed
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
-                        ev = evaluate(self.model, self.corpus, cfg.seq_len, cfg.batch_size, cfg.eval_windows)
+                        ev = evaluate(self.model, self.corpus, cfg.seq_len, cfg.batch_size, cfg.eval_windows,
+                                      layout=self.layout)
                         rec["val_bits_per_byte"] = ev["bits_per_byte"]
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
@@ -240,7 +321,10 @@ class Trainer:
                                 f"in {self.run_dir}") from None
         except KeyboardInterrupt:
             bar.close()
-            self.save()
+            if self.sharding is None:
+                self.save()
+            else:  # the other ranks may be anywhere: no collective checkpoint, the last one stays intact
+                self.interrupted_at = last_good
             raise
         bar.close()
         return {"steps": self.step, "elapsed": self.elapsed}
@@ -259,20 +343,33 @@ def describe(model: torch.nn.Module, model_cfg: ModelConfig) -> str:
     return text
 
 
-def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, progress: bool = True) -> dict:
-    """Train (or resume) the run in ``run_dir``; returns the final evaluation record."""
+def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, progress: bool = True,
+                 layout: ParallelLayout | None = None) -> dict:
+    """Train (or resume) the run in ``run_dir``; returns the final evaluation record.
+
+    Under ``layout`` (torchrun) every rank runs this; only rank 0 logs and writes files.
+    """
+    layout = layout if layout is not None else ParallelLayout.single()
+    if not layout.is_main:
+        log, progress = (lambda *a, **k: None), False
     data = run_config.get("data", {}).get("path")
     corpus = load_corpus(data)
-    trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress)
+    trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress, layout=layout)
     if resume:
         trainer.resume()
         log(f"resuming {run_dir} at step {trainer.step}/{trainer.cfg.steps}")
     log(corpus.summary())
-    log(describe(trainer.model, trainer.model_cfg))
+    log(trainer.description)
     cfg = trainer.cfg
     log(f"training {cfg.steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens -> {run_dir}")
+    if trainer.sharding is not None:
+        log(f"expert parallel: {layout.world_size} processes, experts sharded over {layout.ep_size} "
+            f"({cfg.batch_size // layout.world_size} sequences per process), {trainer.chunks} overlap chunk(s)")
     trainer.fit()
-    ev = evaluate(trainer.model, corpus, cfg.seq_len, cfg.batch_size, cfg.final_eval_windows, progress=progress)
+    ev = evaluate(trainer.model, corpus, cfg.seq_len, cfg.batch_size, cfg.final_eval_windows,
+                  progress=progress, layout=layout)
+    if not layout.is_main:
+        return ev
     base = unigram_baseline(corpus)["bits_per_byte"]
     ev["unigram_bits_per_byte"] = base
     ev["elapsed_train_s"] = trainer.elapsed
