@@ -107,7 +107,7 @@ def _check_layer(results: dict, layout, bias_update=None, aux_loss="switch"):
     gen = torch.Generator().manual_seed(7)
     xs = [torch.randn(n, seq, 12, generator=gen, dtype=torch.float64) for n in sizes]
     gs = [torch.randn(n, seq, 12, generator=gen, dtype=torch.float64) for n in sizes]
-    key = f"layer/{aux_loss}/{bias_update}"
+    key = f"layer/ep{layout.ep_size}/{aux_loss}/{bias_update}"
     # Reference: the whole batch in one process; the task loss is a sum over tokens, so it splits exactly.
     x_all = torch.cat(xs).requires_grad_(True)
     out_all = ref(x_all)
@@ -168,6 +168,9 @@ def worker(rank: int, world: int, out_dir: str) -> None:
         _check_layer(results, layout)
         _check_layer(results, layout, bias_update="sign", aux_loss="global")
         _check_layer(results, layout, aux_loss="sequence")
+        # experts replicated over world / ep ranks (pure data parallelism when world = 2)
+        replicated = ParallelLayout.initialise(ep_size=world // 2, num_experts=8)
+        _check_layer(results, replicated, bias_update="sign", aux_loss="global")
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)

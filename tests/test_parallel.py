@@ -3,7 +3,8 @@
 The workers (tests/dist_workers.py) compare the all-to-all dispatcher with the local dispatcher on the
 whole batch (outputs and every gradient), with uneven splits, ranks that receive nothing and a rank with
 no tokens; chunked overlap with r = 1 bit for bit; a MoE layer's global-batch losses, gradients and
-auxiliary-loss-free bias with the single-process layer; and the layout-independent state.
+auxiliary-loss-free bias with the single-process layer, with experts sharded over all ranks and over half of
+them (replicas all-reduce their gradients); and the layout-independent state.
 """
 import json
 import os
@@ -73,10 +74,11 @@ def test_layer_under_expert_parallelism(dist_results, check):
 
 
 def test_loss_free_bias_synchronised(dist_results):
-    _, results = dist_results
+    world, results = dist_results
     for res in results:
-        assert res["layer/global/sign/bias_moved"] > 0  # the bias did move, and identically to one process
-        assert res["layer/global/sign/bias"] < TOL
+        for ep in {world, world // 2}:
+            assert res[f"layer/ep{ep}/global/sign/bias_moved"] > 0  # it moved, and as in one process
+            assert res[f"layer/ep{ep}/global/sign/bias"] < TOL
 
 
 # --------------------------------------------------------------------------- layout checks and cost model

@@ -50,7 +50,9 @@ def cmd_train(args) -> int:
             raise FileNotFoundError(f"--data: {args.data} does not exist")
         model_cfg, train_cfg = build_configs(args, base)
         run_config = new_run_config(model_cfg, train_cfg, str(Path(args.data).resolve()) if args.data else None)
-    layout = ParallelLayout.initialise(train_cfg.expert_parallel, model_cfg.moe.num_experts, train_cfg.batch_size)
+    # The trainer runs on the CPU, hence gloo (NCCL needs CUDA tensors).
+    layout = ParallelLayout.initialise(train_cfg.expert_parallel, model_cfg.moe.num_experts, train_cfg.batch_size,
+                                       backend="gloo")
     try:
         if not args.resume:
             run_dir = Path(args.out) / (args.name or time.strftime("run-%Y%m%d-%H%M%S",

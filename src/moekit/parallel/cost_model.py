@@ -150,3 +150,13 @@ def choose_chunks(layout, experts, rows_per_step: int, repeats: int = 5) -> tupl
                           device=weight.device)
     dist.broadcast(chunks, src=0)
     return int(chunks), model
+
+
+def from_hardware(bandwidth_gb_s: float, latency_us: float, tflop_s: float, dim: int, hidden_dim: int,
+                  gated: bool = True, launch_us: float = 0.0) -> OverlapCostModel:
+    """A cost model from assumed hardware figures instead of measurements: all-to-all at ``bandwidth_gb_s``
+    GB/s per rank with ``latency_us`` per message, experts at ``tflop_s`` TFLOP/s (forward: ``2 * D * (H + F)``
+    flops per row, ``H = 2F`` when gated) plus ``launch_us`` per chunk."""
+    flops_per_row = 2 * dim * ((2 if gated else 1) * hidden_dim + hidden_dim)
+    return OverlapCostModel(LinearCost(latency_us * 1e-6, 1.0 / (bandwidth_gb_s * 1e9)),
+                            LinearCost(launch_us * 1e-6, flops_per_row / (tflop_s * 1e12)))
