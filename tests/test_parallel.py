@@ -7,14 +7,9 @@ auxiliary-loss-free bias with the single-process layer, with experts sharded ove
 them (replicas all-reduce their gradients); and the layout-independent state.
 """
 import json
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 import torch.multiprocessing as mp
 
 import dist_workers

@@ -9,7 +9,6 @@ on the probe, and the median training-step time relative to ``topk`` measured in
 """
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import statistics
@@ -113,28 +112,18 @@ def run_method(name: str, out_dir: Path, corpus, model_over: dict, moe_over: dic
     run_dir.mkdir(parents=True, exist_ok=True)
     run_config = new_run_config(model_cfg, train_cfg, None)
     atomic_write_json(run_dir / "config.json", run_config)
-    trainer = Trainer(run_dir, run_config, corpus, progress=False)
-    steps = train_cfg.steps
-    probe_at = steps - train_cfg.checkpoint_every
-    step_times, vios_by_step, previous_top = [], [], None
-    from tqdm import tqdm
+    trainer = Trainer(run_dir, run_config, corpus, progress=progress)
+    probe_at = train_cfg.steps - train_cfg.checkpoint_every
+    step_times, vios_by_step, probed = [], [], {}
 
-    bar = tqdm(total=steps, desc=f"{name:22s}", unit="step", leave=False, disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
-    with open(run_dir / "metrics.jsonl", "w", encoding="utf-8") as metrics:
-        while trainer.step < steps:
-            t0 = time.perf_counter()
-            rec = trainer.train_step()
-            step_times.append(time.perf_counter() - t0)
-            vios_by_step.append(rec["max_vio"])
-            metrics.write(json.dumps(rec) + "\n")
-            if trainer.step == probe_at:
-                previous_top, _ = _probe(trainer.model, probe_ids)
-            if trainer.step % train_cfg.checkpoint_every == 0 or trainer.step == steps:
-                trainer.save()
-            bar.set_postfix(loss=f"{rec['loss']:.3f}", refresh=False)
-            bar.update(1)
-    bar.close()
+    def on_step(trainer, rec):
+        step_times.append(rec["step_time_s"])
+        vios_by_step.append(rec["max_vio"])
+        if trainer.step == probe_at:
+            probed["top"], _ = _probe(trainer.model, probe_ids)
+
+    trainer.fit(on_step, desc=f"{name:22s}", leave=False)
+    previous_top = probed.get("top")
     final_top, entropies = _probe(trainer.model, probe_ids)
     fluct = float("nan")
     if previous_top is not None and final_top:

@@ -11,7 +11,7 @@ Field -> Hugging Face ``Qwen3MoeConfig`` field (see :mod:`moekit.model.hf_mappin
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 
 from ..config import MoEConfig, dataclass_from_dict
 from ..data.tokenizer import VOCAB_SIZE

@@ -284,13 +284,14 @@ class Trainer:
                 "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
 
     # ---------------------------------------------------------------- loop
-    def fit(self) -> dict:
+    def fit(self, on_step=None, desc: str = "train", leave: bool = True) -> dict:
+        """Train to ``cfg.steps``: metrics, checkpoints, progress bar; ``on_step(trainer, record)`` after each step."""
         from tqdm import tqdm
 
         cfg = self.cfg
         tokens_per_step = cfg.batch_size * cfg.seq_len
         main = self.layout.is_main
-        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", file=sys.stderr,
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step", file=sys.stderr, leave=leave,
                    disable=not (self.progress and main), dynamic_ncols=True)
         last_good = self.step
         try:
@@ -301,6 +302,7 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     self.elapsed += dt
                     rec["tokens_per_s"] = tokens_per_step / dt
+                    rec["step_time_s"] = dt
                     rec["time"] = self.elapsed
                     if cfg.eval_every and self.step % cfg.eval_every == 0:
                         ev = evaluate(self.model, self.corpus, cfg.seq_len, cfg.batch_size, cfg.eval_windows,
@@ -311,6 +313,8 @@ class Trainer:
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                         self.save()
                         last_good = self.step
+                    if on_step is not None:
+                        on_step(self, rec)
                     vio = sum(rec["max_vio"]) / max(1, len(rec["max_vio"]))
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", bpb=f"{rec['bits_per_byte']:.3f}",
                                     tok_s=f"{rec['tokens_per_s']:.0f}", maxvio=f"{vio:.2f}", refresh=False)
