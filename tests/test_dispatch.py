@@ -10,22 +10,23 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import moekit
-from moekit.dispatch import GroupedGLUDispatch, grouped_mm, grouped_wgrad, make_plan
+from moekit.dispatch import GateSpec, fused_experts, grouped_mm, grouped_wgrad, make_plan
 from moekit.experts import get_activation
 from moekit.routing.base import Routing
 from reference import ACTIVATION_NAMES, capacity_of, ffn, keep_mask, random_weights, rel_err
 
 
 def glu_dispatch(x, token_S, weight_S, offsets, up, down, activation):
-    """The one place that knows GroupedGLUDispatch's argument list."""
-    return GroupedGLUDispatch.apply(x, token_S, weight_S, offsets, up, down, get_activation(activation))
+    """The one place that knows the fused function's argument list (moekit's dense experts' form)."""
+    return fused_experts(x, token_S, weight_S, None, offsets, up, down,
+                         GateSpec.from_activation(get_activation(activation)))
 
 
 def offsets_of(counts):
     return torch.tensor(counts, dtype=torch.int64).cumsum(0).to(torch.int32)
 
 
-# ------------------------------------------------------------------------------ GroupedGLUDispatch
+# ------------------------------------------------------------------------------ FusedExperts
 def dispatch_case(activation, dtype=torch.float64, seed=0):
     """T=6 tokens, E=4 experts with rows [2, 0, 3, 1]; token 3 twice, token 5 never."""
     g = torch.Generator().manual_seed(seed)

@@ -1,15 +1,17 @@
 """Dispatch: routing -> plan (sort by expert, capacity) -> experts -> combine."""
 from .grouped import grouped_mm, grouped_wgrad, workspace
-from .local import GroupedGLUDispatch, apply_activation, dispatch_local
+from .fused import FusedExperts, GateSpec, fused_experts
+from .local import dispatch_local
 from .plan import DROP_POLICIES, DispatchPlan, expert_capacity, make_plan
 
 __all__ = [
     "DROP_POLICIES",
     "DispatchPlan",
-    "GroupedGLUDispatch",
-    "apply_activation",
+    "FusedExperts",
+    "GateSpec",
     "dispatch_local",
     "expert_capacity",
+    "fused_experts",
     "grouped_mm",
     "grouped_wgrad",
     "make_plan",

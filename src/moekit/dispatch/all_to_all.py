@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .local import GroupedGLUDispatch, _GatherRows, _ScatterAddRows
+from .fused import expert_rows
+from .local import _GatherRows, _ScatterAddRows
 from .plan import DispatchPlan
 
 
@@ -102,16 +103,6 @@ def make_exchange_plan(counts_E: torch.Tensor, recv_PL: torch.Tensor, chunks: in
     return plan
 
 
-def _expert_rows(x_XD, w_up_XHD, w_down_XDF, counts_X, act) -> torch.Tensor:
-    """Unweighted expert outputs for rows sorted by expert (``counts_X`` rows each)."""
-    num_rows = x_XD.shape[0]
-    if num_rows == 0:
-        return x_XD.new_zeros(0, w_down_XDF.shape[1]) + 0 * (w_up_XHD.sum() + w_down_XDF.sum())
-    rows = torch.arange(num_rows, device=x_XD.device)
-    offsets = torch.cumsum(counts_X.to(x_XD.device), 0).to(torch.int32)
-    return GroupedGLUDispatch.apply(x_XD, rows, x_XD.new_ones(num_rows), offsets, w_up_XHD, w_down_XDF, act)
-
-
 def _start(out_shape_rows: int, send_XD: torch.Tensor, out_splits, in_splits, group):
     import torch.distributed as dist
 
@@ -154,18 +145,18 @@ class ExpertParallelFFN(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x_SD, w_up_LHD, w_down_LDF, xplan: ExchangePlan, group, act):
+    def forward(ctx, x_SD, w_up_LHD, w_down_LDF, xplan: ExchangePlan, group, gate):
         build = any(ctx.needs_input_grad[:3])
         graphs = []
 
         def compute(c, x_XD):
             start, stop = xplan.bounds[c]
             if not build:
-                return _expert_rows(x_XD, w_up_LHD[start:stop], w_down_LDF[start:stop], xplan.counts[c], act)
+                return expert_rows(x_XD, w_up_LHD[start:stop], w_down_LDF[start:stop], xplan.counts[c], gate)
             with torch.enable_grad():
                 leaves = (x_XD.requires_grad_(True), w_up_LHD[start:stop].detach().requires_grad_(True),
                           w_down_LDF[start:stop].detach().requires_grad_(True))
-                y_XD = _expert_rows(*leaves, xplan.counts[c], act)
+                y_XD = expert_rows(*leaves, xplan.counts[c], gate)
             graphs.append((leaves, y_XD))
             return y_XD.detach()
 
@@ -218,6 +209,6 @@ class AllToAllDispatcher:
         xplan = make_exchange_plan(plan.counts_E, recv_PL, self.chunks)
         self.last_exchange = xplan
         x_SD = _GatherRows.apply(x_TD, plan.token_S)
-        y_SD = ExpertParallelFFN.apply(x_SD, experts.up_weight, experts.down_proj, xplan, self.group, experts.act)
+        y_SD = ExpertParallelFFN.apply(x_SD, experts.up_weight, experts.down_proj, xplan, self.group, experts.gate)
         y_SD = y_SD * plan.weight_S.to(y_SD.dtype).unsqueeze(-1)
         return _ScatterAddRows.apply(y_SD, plan.token_S, x_TD.shape[0])

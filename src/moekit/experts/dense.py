@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.local import GroupedGLUDispatch
-from .activations import get_activation
+from ..dispatch.fused import GateSpec, expert_rows, fused_experts
 from ..dispatch.plan import DispatchPlan
+from .activations import get_activation
 
 
 class DenseExperts(nn.Module):
@@ -29,6 +29,7 @@ class DenseExperts(nn.Module):
         self.act = get_activation(activation)
         self.activation = self.act.name
         self.gated = self.act.gated
+        self.gate = GateSpec.from_activation(self.act)
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         up = nn.Parameter(torch.empty(num_experts, up_rows, dim))
         if self.gated:
@@ -49,14 +50,10 @@ class DenseExperts(nn.Module):
 
     def fused_dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Gather, expert FFN, gate weighting and scatter-add in one autograd function."""
-        return GroupedGLUDispatch.apply(x_TD, plan.token_S, plan.weight_S, plan.offsets_E, self.up_weight,
-                                        self.down_proj, self.act)
+        return fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, self.up_weight,
+                             self.down_proj, self.gate)
 
     def grouped_forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Expert outputs (unweighted) for rows already sorted by expert, ``counts_E`` rows each."""
-        num_rows = x_SD.shape[0]
-        rows_S = torch.arange(num_rows, device=x_SD.device)
-        ones_S = x_SD.new_ones(num_rows)
-        offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-        return GroupedGLUDispatch.apply(x_SD, rows_S, ones_S, offsets_E, self.up_weight, self.down_proj,
-                                        self.act)
+        return expert_rows(x_SD, self.up_weight, self.down_proj, counts_E, self.gate)
+

@@ -3,7 +3,7 @@
 Importing this package registers moekit's fused grouped dispatch with transformers (:func:`register`) when
 transformers is installed; the other ``moekit.hf`` modules (inspect, export) keep working without it.
 """
-from .experts import HFGroupedExperts, make_hf_plan, moekit_experts_forward, register
+from .experts import make_hf_plan, moekit_experts_forward, register
 from . import surgery
 from .record import record_routing
 
@@ -12,4 +12,4 @@ try:
 except ImportError:  # transformers not installed: nothing to register with
     pass
 
-__all__ = ["HFGroupedExperts", "make_hf_plan", "moekit_experts_forward", "record_routing", "register", "surgery"]
+__all__ = ["make_hf_plan", "moekit_experts_forward", "record_routing", "register", "surgery"]

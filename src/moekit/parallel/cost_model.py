@@ -113,7 +113,7 @@ def measure_experts(experts, row_counts, repeats: int = 5) -> list[tuple[int, fl
     """``[(rows, median seconds)]`` of the experts' forward on ``rows`` rows spread evenly over them."""
     import torch
 
-    from ..dispatch.all_to_all import _expert_rows
+    from ..dispatch.fused import expert_rows
 
     weight = next(experts.parameters())
     out = []
@@ -122,7 +122,7 @@ def measure_experts(experts, row_counts, repeats: int = 5) -> list[tuple[int, fl
         per[: rows % experts.num_experts] += 1
         x = torch.randn(rows, experts.dim, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
-            seconds = _median_time(lambda: _expert_rows(x, experts.up_weight, experts.down_proj, per, experts.act),
+            seconds = _median_time(lambda: expert_rows(x, experts.up_weight, experts.down_proj, per, experts.gate),
                                    repeats)
         out.append((rows, seconds))
     return out
