@@ -111,17 +111,21 @@ def test_bad_layout_is_one_error_per_rank(workdir, args, message):
     assert_no_moekit_traceback(proc.stderr)
 
 
-def test_checkpoint_from_another_model_fails_on_every_rank(runs):
-    assert main(["train", *TINY, "--name", "other", "--dim", "48", "--steps", "10"]) == 0
-    run = rewind(runs / "ep2", runs / "ep2-other", 10)
-    shutil.copy(runs / "other" / "checkpoints" / "step-0000010" / "model.safetensors",
+@pytest.mark.parametrize("other", [["--dim", "48"], ["--num-experts", "4"]], ids=["width", "experts"])
+def test_checkpoint_from_another_model_fails_on_every_rank(runs, other):
+    name = "other-" + other[0].strip("-")
+    assert main(["train", *TINY, "--name", name, *other, "--steps", "10"]) == 0
+    run = rewind(runs / "ep2", runs / f"ep2-{name}", 10)
+    shutil.copy(runs / name / "checkpoints" / "step-0000010" / "model.safetensors",
                 run / "checkpoints" / "step-0000010" / "model.safetensors")
     proc = torchrun(2, "--resume", str(run), "--expert-parallel", "2", "--no-progress", timeout=120)
     assert proc.returncode != 0
-    lines = [line for line in proc.stderr.splitlines() if "does not match the model" in line
-             or "has shape" in line]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("moekit train: error:")
+             and ("does not match the model" in line or "has shape" in line)]
     assert len(lines) == 2, proc.stderr[-3000:]
     assert_no_moekit_traceback(proc.stderr)
+    # the failed resume left the run's settings alone
+    assert json.loads((run / "config.json").read_text())["train"]["expert_parallel"] == 2
 
 
 def test_expert_parallel_without_torchrun_is_a_clear_error(workdir, capsys):

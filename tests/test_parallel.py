@@ -60,7 +60,7 @@ def test_uneven_and_zero_splits(dist_results):
     assert "empty_rank/r1/out" in results[0]  # rank 0 had no tokens and still took part
 
 
-@pytest.mark.parametrize("check", ["out", "dx", "grads", "aux_sum", "full_state", "reshard"])
+@pytest.mark.parametrize("check", ["out", "dx", "grads", "aux_sum", "bias", "full_state", "reshard"])
 def test_layer_under_expert_parallelism(dist_results, check):
     _, results = dist_results
     for rank, key, err in _values(results, f"/{check}"):

@@ -45,16 +45,27 @@ AUX_LOSSES = ("switch", "sequence", "global")
 BIAS_RULES = ("sign", "proportional", "decaying")
 
 
-def switch_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    """``E * sum_e f_e * P_e``: ``f_e = counts_E[e] / sum(counts_E)``, ``P_e = mean_t probs_TE[t, e]``."""
+def switch_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """``E * sum_e f_e * P_e``: ``f_e = counts_E[e] / sum(counts_E)``, ``P_e = sum_t probs_TE[t, e] / num_tokens``.
+
+    ``num_tokens`` defaults to ``T`` (the mean over these tokens). Under data parallelism it is the global
+    batch's token count and ``counts_E`` the global counts: each rank's value is then its share of the global
+    loss, the shares summing to it (zero, not NaN, for a rank with no tokens).
+    """
     num_experts = probs_TE.shape[-1]
+    denominator = probs_TE.shape[0] if num_tokens is None else num_tokens
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1).to(probs_TE.dtype)
-    P_E = probs_TE.mean(dim=0)
+    P_E = probs_TE.sum(dim=0) / max(denominator, 1)
     return num_experts * torch.dot(f_E, P_E)
 
 
-def sequence_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, num_sequences: int) -> torch.Tensor:
-    """Switch loss per sequence, averaged over ``num_sequences`` equal-length sequences (token-major order)."""
+def sequence_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, num_sequences: int,
+                  total_sequences: int | None = None) -> torch.Tensor:
+    """Switch loss per sequence over ``num_sequences`` equal-length sequences (token-major order), summed and
+    divided by ``total_sequences`` (default ``num_sequences``: the mean; under data parallelism the global
+    count, making each rank's value its share)."""
+    if num_sequences == 0:
+        return probs_TE.sum() * 0.0
     num_tokens, num_experts = probs_TE.shape
     seq_len = num_tokens // num_sequences
     top_k = expert_TK.shape[-1]
@@ -64,12 +75,14 @@ def sequence_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, num_sequences
     counts_BE.scatter_add_(1, expert_BX, torch.ones_like(expert_BX, dtype=probs_TE.dtype))
     f_BE = counts_BE / (seq_len * top_k)
     P_BE = probs_BLE.mean(dim=1)
-    return num_experts * (f_BE * P_BE).sum(dim=1).mean()
+    total = num_sequences if total_sequences is None else total_sequences
+    return num_experts * (f_BE * P_BE).sum() / max(total, 1)
 
 
-def z_loss(logits_TE: torch.Tensor) -> torch.Tensor:
-    """Router z-loss: ``mean_t (logsumexp_e logits[t, e])^2``."""
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().mean()
+def z_loss(logits_TE: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+    """Router z-loss: ``sum_t (logsumexp_e logits[t, e])^2 / num_tokens`` (default: the mean over ``T``)."""
+    denominator = logits_TE.shape[0] if num_tokens is None else num_tokens
+    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(denominator, 1)
 
 
 def max_violation(counts_E: torch.Tensor) -> float:
@@ -125,10 +138,11 @@ class LoadAccumulator:
 
 
 @torch.no_grad()
-def global_counts(counts_E: torch.Tensor, num_tokens: int, group) -> tuple[torch.Tensor, int]:
-    """``(counts_E summed over the ranks of group, tokens summed over the ranks)`` in one all-reduce."""
+def global_counts(counts_E: torch.Tensor, num_tokens: int, num_sequences: int, group) -> tuple[torch.Tensor, int, int]:
+    """``(counts_E, tokens, sequences)`` summed over the ranks of ``group``, in one all-reduce."""
     import torch.distributed as dist
 
-    both = torch.cat([counts_E.detach().to(torch.float64), counts_E.new_tensor([num_tokens], dtype=torch.float64)])
+    both = torch.cat([counts_E.detach().to(torch.float64),
+                      counts_E.new_tensor([num_tokens, num_sequences], dtype=torch.float64)])
     dist.all_reduce(both, group=group)
-    return both[:-1].to(counts_E.dtype), int(both[-1])
+    return both[:-2].to(counts_E.dtype), int(both[-2]), int(both[-1])

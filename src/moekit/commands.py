@@ -62,7 +62,7 @@ def cmd_train(args) -> int:
             _barrier(layout)
             if layout.is_main:
                 run_dir.mkdir(parents=True)
-        if layout.is_main:
+        if layout.is_main and not args.resume:  # a resumed run's config is rewritten once it has resumed
             atomic_write_json(run_dir / "config.json", run_config)
         _barrier(layout)
         try:

@@ -162,13 +162,16 @@ class ExpertParallelFFN(torch.autograd.Function):
 
         y_SD = _pipeline(x_SD, xplan, group, compute)
         ctx.graphs, ctx.xplan, ctx.group = graphs, xplan, group
-        ctx.w_shapes = (w_up_LHD, w_down_LDF)
+        ctx.weights = (w_up_LHD, w_down_LDF)
         return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD):
         xplan, graphs = ctx.xplan, ctx.graphs
-        w_up_LHD, w_down_LDF = ctx.w_shapes
+        if graphs is None:
+            raise RuntimeError("expert-parallel dispatch is differentiated once per forward; backward through it "
+                               "a second time (retain_graph=True) is not supported")
+        w_up_LHD, w_down_LDF = ctx.weights
         dw_up = torch.zeros_like(w_up_LHD)
         dw_down = torch.zeros_like(w_down_LDF)
 

@@ -55,7 +55,6 @@ class OverlapCostModel:
             raise ValueError(f"chunks must be >= 1, got {chunks}")
         c = self.comm(bytes_sent / chunks)
         g = self.compute(rows / chunks)
-        link_free = 0.0
         compute_free = 0.0
         arrived = [0.0] * chunks
         link_free = arrived[0] = c  # dispatch 0
@@ -77,12 +76,22 @@ class OverlapCostModel:
         return self.time(1, bytes_sent, rows) / self.time(chunks, bytes_sent, rows)
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()
+def _median_time(fn, repeats: int, device=None) -> float:
+    """Median seconds of ``fn()`` after one warm-up call (CUDA work waited for on ``device``)."""
+    import torch
+
+    cuda = device is not None and torch.device(device).type == "cuda"
+
+    def run():
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+
+    run()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        fn()
+        run()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -103,7 +112,7 @@ def measure_all_to_all(group, ep_size: int, dim: int, row_counts, repeats: int =
         def run():
             dist.all_to_all_single(recv, send, group=group)
 
-        seconds = torch.tensor([_median_time(run, repeats)], dtype=torch.float64)
+        seconds = torch.tensor([_median_time(run, repeats, device)], dtype=torch.float64, device=device)
         dist.all_reduce(seconds, op=dist.ReduceOp.MAX, group=group)
         out.append((send.numel() * send.element_size(), float(seconds)))
     return out
@@ -123,14 +132,16 @@ def measure_experts(experts, row_counts, repeats: int = 5) -> list[tuple[int, fl
         x = torch.randn(rows, experts.dim, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
             seconds = _median_time(lambda: expert_rows(x, experts.up_weight, experts.down_proj, per, experts.gate),
-                                   repeats)
+                                   repeats, weight.device)
         out.append((rows, seconds))
     return out
 
 
 def fit_cost_model(group, ep_size: int, experts, rows_per_step: int, repeats: int = 5) -> OverlapCostModel:
     """Fit :class:`OverlapCostModel` on this machine around ``rows_per_step`` rows (a collective)."""
-    sizes = sorted({max(1, rows_per_step * f // 8) for f in (1, 2, 4, 8)})
+    # four distinct sizes around rows_per_step, at least one row per peer each
+    base = max(rows_per_step // 8, ep_size)
+    sizes = [base * f for f in (1, 2, 4, 8)]
     comm = measure_all_to_all(group, ep_size, experts.dim, [max(1, s // ep_size) for s in sizes], repeats,
                               dtype=next(experts.parameters()).dtype, device=next(experts.parameters()).device)
     comp = measure_experts(experts, sizes, repeats)

@@ -18,7 +18,9 @@ from typing import Any
 
 import torch
 
-COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=5)
+# Long enough for rank 0 to write a large checkpoint while the others wait; errors are found before any
+# collective, so a timeout is a last resort, not the way bad input ends.
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=15)
 
 
 def launched_world_size() -> int:

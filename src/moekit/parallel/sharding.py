@@ -33,6 +33,14 @@ class ExpertSharding:
         self.model = model
         self.sharded: dict[str, int] = {}  # parameter name -> experts in the full model
         prefix = {id(m): name for name, m in model.named_modules()}
+        if getattr(model, "_moekit_sharding", None) is not None:
+            raise ValueError("this model is already sharded for expert parallelism")
+        for layer in moe_layers(model):
+            note = type(layer.gate).data_parallel_note
+            if layout.world_size > 1 and note:
+                raise ValueError(f"router {type(layer.gate).__name__} cannot run on {layout.world_size} processes: "
+                                 f"it {note}")
+        self.num_local_experts = None
         for layer in moe_layers(model):
             layer.data_parallel_size = layout.world_size
             if layout.world_size > 1 and layer.gate.global_batch_losses:
@@ -49,13 +57,19 @@ class ExpertSharding:
                                                     requires_grad=param.requires_grad))
                 self.sharded[f"{prefix[id(experts)]}.{name}".lstrip(".")] = num_experts
             experts.num_experts = len(local)
-            experts.first_expert = local.start
+            self.num_local_experts = len(local)
             layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep_size, chunks)
+        model._moekit_sharding = self
 
-    def set_chunks(self, chunks: int) -> None:
+    def set_chunks(self, chunks: int) -> int:
+        """Use ``chunks`` overlap chunks, capped at the experts per rank (chunks are blocks of local experts);
+        returns the number in effect."""
+        if self.num_local_experts is not None:
+            chunks = max(1, min(chunks, self.num_local_experts))
         for layer in moe_layers(self.model):
             if layer.dispatcher is not None:
                 layer.dispatcher.chunks = chunks
+        return chunks
 
     # ------------------------------------------------------------------------------------ gradients
     def _split_parameters(self):

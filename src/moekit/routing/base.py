@@ -113,6 +113,8 @@ class Router(nn.Module):
     # ``global_batch_losses = True``; ``moekit.parallel`` then gives them the process group in ``data_group``.
     global_batch_losses: bool = False
     data_group = None
+    # Why this router cannot run with more than one process (None: it can).
+    data_parallel_note: str | None = None
 
     def __init__(self, dim: int, num_experts: int, top_k: int):
         super().__init__()

@@ -102,6 +102,8 @@ class MixERRouter(Router):
 
     learned = False  # not trained by gradient; fitted in end_step
     balances_itself = False
+    data_parallel_note = ("fits its gate on the contexts of its own process: ranks would diverge (gather the "
+                          "contexts first; not built)")
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, refit_every: int = 100,
                  buffer_size: int = 4096, kmeans_iters: int = 25, ridge: float = 1e-4, seed: int = 0):

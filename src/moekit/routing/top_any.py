@@ -116,7 +116,9 @@ class TopAnyRouter(TopKRouter):
                                         probs=base.probs)
             routing.aux_losses = dict(base.aux_losses)
             if self.sparsity_coef > 0:
-                routing.aux_losses["keep"] = self.sparsity_coef * torch.sigmoid(logits_TK).mean()
+                # a mean over the batch's slots (the global batch's under data parallelism: this rank's share)
+                slots = self.batch_tokens * self.top_k
+                routing.aux_losses["keep"] = self.sparsity_coef * torch.sigmoid(logits_TK).sum() / max(slots, 1)
             return routing
         token_ids, slot_ids = keep_TK.nonzero(as_tuple=True)
         return Routing(token_ids=token_ids, expert_ids=topk_ids_TK[token_ids, slot_ids],

@@ -71,8 +71,9 @@ class TopKRouter(Router):
     The router math runs in float32 whatever the input dtype.
 
     Under data parallelism (``data_group`` set by :mod:`moekit.parallel`) the losses are the global batch's:
-    the expert counts are summed over the ranks first, each rank returns its share of the global loss (the
-    shares sum to the loss of the whole batch) and the bias moves on the global load.
+    the expert, token and sequence counts are summed over the ranks first and each rank returns its share of
+    the global loss (sums over its tokens divided by the global counts; the shares sum to the loss of the whole
+    batch, and a rank without tokens contributes zero); the bias moves on the global load.
     """
 
     global_batch_losses = True
@@ -134,6 +135,7 @@ class TopKRouter(Router):
         if bias_update is not None:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.load = balance.LoadAccumulator(num_experts)
+        self.batch_tokens = 0  # tokens of the last training batch (the global batch's under data parallelism)
         self._bias_updates = 0
 
     def has_balancing(self) -> bool:
@@ -181,26 +183,26 @@ class TopKRouter(Router):
     def _aux_losses(self, routing: Routing, ctx: RoutingContext | None) -> dict[str, torch.Tensor]:
         losses: dict[str, torch.Tensor] = {}
         counts_E = routing.tokens_per_expert()
-        share = 1.0  # this rank's tokens / the global batch's tokens
-        if self.data_group is not None:
-            counts_E, num_tokens = balance.global_counts(counts_E, routing.num_tokens, self.data_group)
-            share = routing.num_tokens / max(num_tokens, 1)
+        num_sequences, _ = (ctx or RoutingContext()).sequences(routing.num_tokens)
+        total_tokens, total_sequences = routing.num_tokens, num_sequences
+        if self.data_group is not None:  # global-batch losses: this rank's share of them
+            counts_E, total_tokens, total_sequences = balance.global_counts(
+                counts_E, routing.num_tokens, num_sequences, self.data_group)
+        self.batch_tokens = total_tokens  # for subclasses' own batch means
         track_load = self.bias_update is not None or self.aux_loss_kind == "global"
         if track_load:
             self.load.add(counts_E)
         kind = self.aux_loss_kind
         if kind == "switch":
-            losses["switch"] = self.aux_loss_coef * balance.switch_loss(routing.probs, counts_E)
+            losses["switch"] = self.aux_loss_coef * balance.switch_loss(routing.probs, counts_E, total_tokens)
         elif kind == "sequence":
-            num_sequences, _ = (ctx or RoutingContext()).sequences(routing.num_tokens)
             losses["sequence"] = self.aux_loss_coef * balance.sequence_loss(
-                routing.probs, routing.topk_ids, num_sequences)
+                routing.probs, routing.topk_ids, num_sequences, total_sequences)
         elif kind == "global":
-            losses["global"] = self.aux_loss_coef * balance.switch_loss(routing.probs, self.load.counts_E)
+            losses["global"] = self.aux_loss_coef * balance.switch_loss(routing.probs, self.load.counts_E,
+                                                                        total_tokens)
         if self.z_loss_coef > 0:
-            losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits)
-        if share != 1.0:
-            losses = {name: loss * share for name, loss in losses.items()}
+            losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits, total_tokens)
         return losses
 
     def balancing_state(self) -> dict:

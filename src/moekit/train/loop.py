@@ -175,18 +175,18 @@ class Trainer:
         self.chunks = self.cfg.overlap_chunks or 1
         if self.layout.world_size > 1:
             self.sharding = expert_parallel(self.model, self.layout, self.chunks)
-            if self.cfg.overlap_chunks == 0 and self.layout.ep_size > 1:
+            layers = moe_layers(self.model)
+            if self.cfg.overlap_chunks == 0 and self.layout.ep_size > 1 and layers:
                 from ..parallel.cost_model import choose_chunks
 
                 rows = self.cfg.batch_size // self.layout.world_size * self.cfg.seq_len * self.model_cfg.moe.top_k
-                self.chunks, self.cost_model = choose_chunks(self.layout, moe_layers(self.model)[0].experts, rows)
-                self.sharding.set_chunks(self.chunks)
+                self.chunks, self.cost_model = choose_chunks(self.layout, layers[0].experts, rows)
+            self.chunks = self.sharding.set_chunks(self.chunks)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.batches = TrainBatches(corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed)
         self.step = 0
         self.elapsed = 0.0
         self.metrics_path = self.run_dir / "metrics.jsonl"
-        self.interrupted_at: int | None = None
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
@@ -203,11 +203,18 @@ class Trainer:
 
         tensors = self.sharding.full_state_dict()
         opt_state = self.sharding.full_optimizer_state(self.optimizer)
-        path = None
+        path, error = None, None
         if self.layout.is_main:
-            path = save_checkpoint(self.run_dir, self.step, tensors, opt_state, self.state(),
-                                   keep=self.cfg.keep_checkpoints)
-        dist.barrier()
+            try:
+                path = save_checkpoint(self.run_dir, self.step, tensors, opt_state, self.state(),
+                                       keep=self.cfg.keep_checkpoints)
+            except OSError as exc:
+                error = exc
+        failed = torch.tensor([0.0 if error is None else 1.0])
+        dist.all_reduce(failed, group=self.layout.data_group)  # every rank learns whether rank 0 could write
+        if float(failed):
+            raise ValueError(f"could not write the checkpoint of step {self.step} in {self.run_dir}"
+                             + (f" ({error})" if error is not None else " (see rank 0)"))
         return path
 
     def resume(self) -> None:
@@ -253,6 +260,9 @@ class Trainer:
         import torch.distributed as dist
 
         layout, cfg = self.layout, self.cfg
+        # Routers' noise (jitter, Gumbel / logistic samples) draws a stream of its own on every rank, fixed by
+        # (seed, step, rank) so that a resumed run draws the same.
+        torch.manual_seed(cfg.seed + 1_000_003 * (self.step + 1) + 7919 * layout.rank)
         rows = input_ids_BL.shape[0] // layout.world_size
         mine = slice(layout.rank * rows, (layout.rank + 1) * rows)
         input_ids_BL, targets_BL = input_ids_BL[mine], targets_BL[mine]
@@ -325,10 +335,8 @@ class Trainer:
                                 f"in {self.run_dir}") from None
         except KeyboardInterrupt:
             bar.close()
-            if self.sharding is None:
-                self.save()
-            else:  # the other ranks may be anywhere: no collective checkpoint, the last one stays intact
-                self.interrupted_at = last_good
+            if self.sharding is None:  # under torchrun the other ranks may be anywhere: no collective save,
+                self.save()  # the last checkpoint stays intact
             raise
         bar.close()
         return {"steps": self.step, "elapsed": self.elapsed}
@@ -361,6 +369,10 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
     trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress, layout=layout)
     if resume:
         trainer.resume()
+        if layout.is_main:  # the run's settings change (--steps, --expert-parallel) only once it has resumed
+            from ..io import atomic_write_json
+
+            atomic_write_json(Path(run_dir) / "config.json", run_config)
         log(f"resuming {run_dir} at step {trainer.step}/{trainer.cfg.steps}")
     log(corpus.summary())
     log(trainer.description)
@@ -369,6 +381,9 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
     if trainer.sharding is not None:
         log(f"expert parallel: {layout.world_size} processes, experts sharded over {layout.ep_size} "
             f"({cfg.batch_size // layout.world_size} sequences per process), {trainer.chunks} overlap chunk(s)")
+        if trainer.model_cfg.moe.capacity_factor is not None:
+            log("note: with a capacity factor each process drops pairs by its own tokens' capacity, so results "
+                "differ from one process (dropless routing matches it)")
     trainer.fit()
     ev = evaluate(trainer.model, corpus, cfg.seq_len, cfg.batch_size, cfg.final_eval_windows,
                   progress=progress, layout=layout)
