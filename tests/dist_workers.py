@@ -25,7 +25,7 @@ def _rank_tokens(rank: int, world: int, dim: int, sizes) -> list[torch.Tensor]:
 
 
 def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, sizes, chunks_list, dim=12,
-                      hidden=6, num_experts=8):
+                      hidden=6, num_experts=8, dtype=torch.float64):
     """AllToAllDispatcher on a hand-made routing vs dispatch_local on the concatenated batch."""
     import torch.distributed as dist
 
@@ -37,8 +37,8 @@ def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, siz
 
     rank, world = layout.rank, layout.world_size
     torch.manual_seed(0)
-    full = DenseExperts(num_experts, dim, hidden).double()
-    xs = _rank_tokens(rank, world, dim, sizes)
+    full = DenseExperts(num_experts, dim, hidden).to(dtype)
+    xs = [x.to(dtype) for x in _rank_tokens(rank, world, dim, sizes)]
     gen = torch.Generator().manual_seed(99)
     top_k = 2
     routings = []
@@ -46,9 +46,9 @@ def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, siz
         ids = expert_ids_per_rank[r].view(-1, top_k) if expert_ids_per_rank is not None else \
             torch.stack([torch.randperm(num_experts, generator=gen)[:top_k] for _ in range(sizes[r])]) \
             if sizes[r] else torch.zeros(0, top_k, dtype=torch.int64)
-        w = torch.rand(ids.shape, generator=gen, dtype=torch.float64)
+        w = torch.rand(ids.shape, generator=gen, dtype=torch.float64).to(dtype)
         routings.append((ids, w))
-    grads_out = [torch.randn(sizes[r], dim, generator=gen, dtype=torch.float64) for r in range(world)]
+    grads_out = [torch.randn(sizes[r], dim, generator=gen, dtype=torch.float64).to(dtype) for r in range(world)]
     # Reference: every rank's tokens through the full experts, one local dispatch per rank.
     ref_out, ref_dx = [], []
     for r in range(world):
@@ -64,7 +64,7 @@ def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, siz
     ref_down = full.down_proj.grad[local.start:local.stop].clone()
     per_chunks = {}
     for chunks in chunks_list:
-        shard = DenseExperts(len(local), dim, hidden).double()
+        shard = DenseExperts(len(local), dim, hidden).to(dtype)
         with torch.no_grad():
             shard.gate_up_proj.copy_(full.gate_up_proj[local.start:local.stop])
             shard.down_proj.copy_(full.down_proj[local.start:local.stop])
@@ -163,6 +163,9 @@ def worker(rank: int, world: int, out_dir: str) -> None:
         rnd = [3 + 2 * r for r in range(world)]
         # 16 chunks is more than the 8 // world local experts: capped, still bit-for-bit r = 1
         _check_dispatcher(results, "random", layout, None, rnd, [1, 2, 16])
+        # float32 with 16-byte aligned widths takes torch._grouped_mm (float64 above takes the mm loop)
+        _check_dispatcher(results, "float32", layout, None, [40 + 8 * r for r in range(world)], [1, 2, 16],
+                          dim=32, hidden=16, dtype=torch.float32)
         # everything to expert 0 (on rank 0): every other rank receives nothing, most experts are empty
         one = [torch.zeros(2 * n, dtype=torch.int64) for n in rnd]
         for ids in one:

@@ -42,7 +42,7 @@ def test_all_to_all_matches_local_dispatch(dist_results, what):
     for rank, key, err in _values(results, f"/{what}"):
         if key.startswith("layer/"):
             continue
-        assert err < TOL, (rank, key, err)
+        assert err < (1e-5 if key.startswith("float32/") else TOL), (rank, key, err)
 
 
 def test_overlap_chunks_equal_no_overlap_bitwise(dist_results):

@@ -14,8 +14,10 @@ Overlap (FSMoE, PAPERS.md item 26): the exchange is cut into ``r`` chunks, chunk
 the ``c``-th block of each rank's local experts. The dispatch of chunk ``c + 1`` and the return of chunk
 ``c - 1`` are in flight (asynchronous collectives) while chunk ``c`` is computed, in the forward pass and in
 the backward pass. Chunks are cut at expert boundaries so that every expert multiplies exactly the rows it
-multiplies with ``r = 1``: results are bit-for-bit those of ``r = 1`` whatever the BLAS does with different
-matrix sizes. FSMoE cuts by tokens instead; cutting by experts bounds ``r`` by ``L``.
+multiplies with ``r = 1``, with the same sizes, and every weight gradient sums the same rows in the same order:
+results are bit-for-bit those of ``r = 1`` (tested in float32 and float64 on the CPU; a BLAS that picked
+kernels by memory alignment could still differ in the last bits). FSMoE cuts by tokens instead, which changes
+the matrix sizes and the weight gradients' summation order; cutting by experts bounds ``r`` by ``L``.
 """
 from __future__ import annotations
 
