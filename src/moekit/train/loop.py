@@ -161,6 +161,11 @@ class Trainer:
                  layout: ParallelLayout | None = None):
         self.run_dir = Path(run_dir)
         self.layout = layout if layout is not None else ParallelLayout.single()
+        if self.layout.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                raise ValueError(f"the trainer runs on the CPU and needs the gloo backend, got {dist.get_backend()}")
         self.run_config = run_config
         self.model_cfg = ModelConfig.from_dict(run_config["model"])
         self.cfg = TrainConfig.from_dict(run_config["train"])
