@@ -305,3 +305,53 @@ def test_bfloat16_layer_runs_the_kernel_path_and_stays_close_to_float32():
     rel = (out.float() - ref).abs().max() / ref.abs().max()
     assert rel < 3e-2
     assert torch.isfinite(w.grad.float()).all() and w.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------ FusedExperts edge cases
+def test_gated_activation_returning_its_input_keeps_gradients_exact():
+    """A bilinear GLU (act = identity) hands back a view of h; the forward must not write into the saved h."""
+    from moekit.experts.activations import Activation
+
+    def identity_backward(grad, x, out):
+        out.copy_(grad)
+
+    bilinear = Activation("bilinear", lambda t: t, True, identity_backward)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    up = torch.randn(2, 6, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    down = torch.randn(2, 4, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.rand(8, dtype=torch.float64, generator=gen, requires_grad=True)
+    token_S = torch.tensor([0, 1, 2, 3, 2, 3, 4, 5])
+    offsets = torch.tensor([4, 8], dtype=torch.int32)
+    gate = GateSpec.from_activation(bilinear)
+    for combine in (True, False):
+        torch.autograd.gradcheck(
+            lambda x, up, down, w: fused_experts(x, token_S, w, None, offsets, up, down, gate, combine=combine),
+            (x, up, down, w))
+
+
+def test_dense_experts_pickle():
+    import io
+
+    from moekit.experts.dense import DenseExperts
+
+    buf = io.BytesIO()
+    torch.save(DenseExperts(4, 8, 4, "swiglu"), buf)  # the gate is a module-level callable, not a closure
+    buf.seek(0)
+    experts = torch.load(buf, weights_only=False)
+    assert experts.gate.fast is not None and experts.gate.fn(torch.ones(2, 8)).shape == (2, 4)
+
+
+def test_gate_with_parameters_must_use_autograd():
+    with pytest.raises(ValueError, match="autograd path"):
+        GateSpec(torch.sigmoid, get_activation("gelu"), (torch.zeros(1, requires_grad=True),))
+
+
+def test_fused_experts_is_differentiated_once():
+    x = torch.randn(4, 8, requires_grad=True)
+    up, down = torch.randn(2, 8, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
+    out = fused_experts(x, torch.arange(4), torch.ones(4), None, torch.tensor([2, 4], dtype=torch.int32), up, down,
+                        GateSpec.from_activation(get_activation("swiglu")))
+    (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        grad_x.sum().backward()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .grouped import gather_rows, grouped_mm, grouped_wgrad
 
@@ -31,27 +32,37 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
+class GatedActivation:
+    """``act(gate) * up`` for ``h = [gate | up]`` (a module-level callable, so experts holding it pickle)."""
+
+    act: Activation
+
+    def __call__(self, h_SH: torch.Tensor) -> torch.Tensor:
+        gate_SF, up_SF = h_SH.chunk(2, dim=-1)
+        return self.act.fn(gate_SF) * up_SF
+
+
+@dataclass(frozen=True)
 class GateSpec:
     """How ``h_SH -> a_SF`` is computed.
 
     ``fn`` is the exact forward. ``fast`` is a moekit :class:`Activation` with a fused backward when ``fn`` is
     known to equal it (``fast.fn(gate) * up`` for gated activations, ``fast.fn(h)`` otherwise); ``None`` means
-    autograd on a recomputation of ``fn``. ``params`` are trainable tensors ``fn`` reads.
+    autograd on a recomputation of ``fn``. ``params`` are trainable tensors ``fn`` reads (autograd path only).
     """
 
     fn: Callable[[torch.Tensor], torch.Tensor]
     fast: Activation | None
     params: tuple[torch.Tensor, ...] = ()
 
+    def __post_init__(self):
+        if self.fast is not None and self.params:
+            raise ValueError("a gate with trainable parameters needs the autograd path (fast=None)")
+
     @classmethod
     def from_activation(cls, act: Activation) -> "GateSpec":
         """The gate of moekit's dense experts."""
-        if act.gated:
-            def fn(h_SH):
-                gate_SF, up_SF = h_SH.chunk(2, dim=-1)
-                return act.fn(gate_SF) * up_SF
-        else:
-            fn = act.fn
+        fn = GatedActivation(act) if act.gated else act.fn
         return cls(fn, act if act.backward is not None else None)
 
 
@@ -63,12 +74,15 @@ def _gate_forward(h_SH: torch.Tensor, gate: GateSpec,
     if fast is not None and fast.gated:
         hidden = h_SH.shape[-1] // 2
         act_gate_SF = fast.fn(h_SH[:, :hidden])
-        if keep_act_gate:
-            return act_gate_SF * h_SH[:, hidden:], act_gate_SF
+        if keep_act_gate or _shares_storage(act_gate_SF, h_SH):  # never write into h_SH (it is saved)
+            return act_gate_SF * h_SH[:, hidden:], (act_gate_SF if keep_act_gate else None)
         return act_gate_SF.mul_(h_SH[:, hidden:]), None
     a_SF = gate.fn(h_SH)
-    aliases = a_SF.untyped_storage().data_ptr() == h_SH.untyped_storage().data_ptr()
-    return (a_SF.clone() if aliases else a_SF), None
+    return (a_SF.clone() if _shares_storage(a_SF, h_SH) else a_SF), None
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def _gate_backward(h_SH: torch.Tensor, da_SF: torch.Tensor, gate: GateSpec, act_gate_SF: torch.Tensor | None,
@@ -142,6 +156,7 @@ class FusedExperts(torch.autograd.Function):
         return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x_TD, token_S, weight_S, expert_S, offsets_E, w_up, w_down, h_SH, b_down_ED = ctx.saved_tensors
         gate, transposed, combine, num_experts = ctx.gate, ctx.transposed, ctx.combine, ctx.num_experts

@@ -105,16 +105,21 @@ def gate_spec(module: nn.Module) -> GateSpec:
 
     act_fn = getattr(module, "act_fn", None)
     params = tuple(p for p in act_fn.parameters() if p.requires_grad) if isinstance(act_fn, nn.Module) else ()
-    known = None if params else _known_activation(act_fn)
+    in_place = bool(getattr(act_fn, "inplace", False))  # e.g. nn.SiLU(inplace=True): would overwrite h_SH
+    known = None if params or in_place else _known_activation(act_fn)
+    fn = module._apply_gate if module.has_gate else act_fn
+    if in_place:
+        exact = fn
+        fn = lambda h_SH: exact(h_SH.clone())  # noqa: E731  (h_SH is saved for backward)
     if module.has_gate:
         apply_gate = type(module)._apply_gate
         default_gate = getattr(apply_gate, "__func__", apply_gate) is _default_apply_gate
         fast = None
         if default_gate and known is not None:
             fast = Activation(f"{known}-glu", _FUSED[known][0], True, _FUSED[known][1])
-        return GateSpec(module._apply_gate, fast, params)
+        return GateSpec(fn, fast, params)
     fast = Activation(known, _FUSED[known][0], False, _FUSED[known][1]) if known is not None else None
-    return GateSpec(act_fn, fast, params)
+    return GateSpec(fn, fast, params)
 
 
 # ----------------------------------------------------------------------------------------------------------------

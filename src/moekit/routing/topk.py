@@ -73,7 +73,9 @@ class TopKRouter(Router):
     Under data parallelism (``data_group`` set by :mod:`moekit.parallel`) the losses are the global batch's:
     the expert, token and sequence counts are summed over the ranks first and each rank returns its share of
     the global loss (sums over its tokens divided by the global counts; the shares sum to the loss of the whole
-    batch, and a rank without tokens contributes zero); the bias moves on the global load.
+    batch, and a rank without tokens contributes zero); the bias moves on the global load. Under your own DDP
+    (without :func:`moekit.parallel.expert_parallel`), set ``router.data_group`` to the data-parallel group for
+    the same behaviour; otherwise every rank balances on its own tokens.
     """
 
     global_batch_losses = True
