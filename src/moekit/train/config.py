@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..config import MoEConfig, dataclass_from_dict
@@ -55,8 +55,11 @@ class TrainConfig:
     keep_checkpoints: int = 2
     dtype: str = "float32"
     threads: int | None = None
-    expert_parallel: int = 1
-    overlap_chunks: int = 1
+    expert_parallel: int = field(default=1, metadata={
+        "help": "shard the experts over this many processes (launch with torchrun --nproc-per-node N, N a multiple of it)"})
+    overlap_chunks: int = field(default=1, metadata={
+        "help": "overlap the expert all-to-all in r chunks (at most the experts per process; 0: r from a cost "
+                "model fitted on this machine)"})
 
     def __post_init__(self):
         _check_int("steps", self.steps, 1)
@@ -156,6 +159,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         dest = f"cfg__{section}__{f.name}"
         default = f.default if f.default is not MISSING else None
         help_text = f"default {default!r}" if f.default is not MISSING else ""
+        if "help" in f.metadata:
+            help_text = f"{f.metadata['help']} ({help_text})" if help_text else f.metadata["help"]
         if str(f.type).replace(" ", "") == "bool":
             groups[section].add_argument(f"--{flag}", dest=dest, action=argparse.BooleanOptionalAction,
                                          default=argparse.SUPPRESS, help=help_text)
