@@ -56,7 +56,8 @@ class TrainConfig:
     dtype: str = "float32"
     threads: int | None = None
     expert_parallel: int = field(default=1, metadata={
-        "help": "shard the experts over this many processes (launch with torchrun --nproc-per-node N, N a multiple of it)"})
+        "help": "shard the experts over this many processes (launch with torchrun --nproc-per-node N, "
+                "N a multiple of it)"})
     overlap_chunks: int = field(default=1, metadata={
         "help": "overlap the expert all-to-all in r chunks (at most the experts per process; 0: r from a cost "
                 "model fitted on this machine)"})
