@@ -170,5 +170,6 @@ class ExpertSharding:
 
 
 def expert_parallel(model: nn.Module, layout: ParallelLayout, chunks: int = 1) -> ExpertSharding:
-    """Shard ``model`` (every :class:`moekit.MoE` inside it) for this rank of ``layout``; see :class:`ExpertSharding`."""
+    """Shard ``model`` (every :class:`moekit.MoE` inside it) for this rank of ``layout``; see
+    :class:`ExpertSharding`."""
     return ExpertSharding(model, layout, chunks)
