@@ -23,7 +23,7 @@ from .layout import ParallelLayout
 class ExpertSharding:
     """The expert-parallel form of one model on one rank; see the module docstring.
 
-    ``shard_model`` slices every MoE layer's experts to this rank's block (parameter names are unchanged, the
+    Construction slices every MoE layer's experts to this rank's block (parameter names are unchanged, the
     first dimension shrinks from ``E`` to ``E / ep_size``), installs the all-to-all dispatcher with ``chunks``
     overlap chunks, and hands the data-parallel group to routers whose losses are global-batch losses.
     """
