@@ -82,8 +82,8 @@ def make_exchange_plan(counts_E: torch.Tensor, recv_PL: torch.Tensor, chunks: in
     in the order of ``x_SD``) and the received counts ``recv_PL``."""
     ep_size, num_local = recv_PL.shape
     device = counts_E.device
-    send_PL = counts_E.to("cpu", torch.int64).view(ep_size, num_local)
-    recv_PL_cpu = recv_PL.to("cpu", torch.int64)
+    both = torch.stack([counts_E.to(torch.int64).view(ep_size, num_local), recv_PL.to(torch.int64)]).cpu()
+    send_PL, recv_PL_cpu = both[0], both[1]  # one device-to-host copy for both
     starts_PL = (torch.cumsum(send_PL.reshape(-1), 0) - send_PL.reshape(-1)).view(ep_size, num_local)
     bounds = chunk_bounds(num_local, chunks)
     plan = ExchangePlan(bounds, [], [], [], [], [], [], int(send_PL.sum()))
