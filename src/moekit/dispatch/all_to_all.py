@@ -60,7 +60,6 @@ class ExchangePlan:
     sort: list[torch.Tensor]
     unsort: list[torch.Tensor]
     counts: list[torch.Tensor]
-    num_pairs: int
 
     @property
     def rows_received(self) -> int:
@@ -86,7 +85,7 @@ def make_exchange_plan(counts_E: torch.Tensor, recv_PL: torch.Tensor, chunks: in
     send_PL, recv_PL_cpu = both[0], both[1]  # one device-to-host copy for both
     starts_PL = (torch.cumsum(send_PL.reshape(-1), 0) - send_PL.reshape(-1)).view(ep_size, num_local)
     bounds = chunk_bounds(num_local, chunks)
-    plan = ExchangePlan(bounds, [], [], [], [], [], [], int(send_PL.sum()))
+    plan = ExchangePlan(bounds, [], [], [], [], [], [])
     for start, stop in bounds:
         sizes_P = send_PL[:, start:stop].sum(1)
         first_P = starts_PL[:, start]

@@ -178,6 +178,7 @@ class Trainer:
         self.description = describe(self.model, self.model_cfg)
         self.sharding: ExpertSharding | None = None
         self.chunks = self.cfg.overlap_chunks or 1
+        self.cost_model = None  # the fitted overlap cost model when overlap_chunks = 0
         if self.layout.world_size > 1:
             self.sharding = expert_parallel(self.model, self.layout, self.chunks)
             layers = moe_layers(self.model)
@@ -386,6 +387,11 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
     if trainer.sharding is not None:
         log(f"expert parallel: {layout.world_size} processes, experts sharded over {layout.ep_size} "
             f"({cfg.batch_size // layout.world_size} sequences per process), {trainer.chunks} overlap chunk(s)")
+        if trainer.cost_model is not None:
+            fit = trainer.cost_model
+            log(f"overlap chunks chosen by the cost model fitted here: all-to-all {fit.comm.intercept * 1e6:.0f} us + "
+                f"{fit.comm.slope * 1e9:.3f} ns/byte, experts {fit.compute.intercept * 1e6:.0f} us + "
+                f"{fit.compute.slope * 1e6:.2f} us/row")
         if trainer.model_cfg.moe.capacity_factor is not None:
             log("note: with a capacity factor each process drops pairs by its own tokens' capacity, so results "
                 "differ from one process (dropless routing matches it)")
