@@ -82,6 +82,14 @@ def test_expert_parallel_losses_match_single_process(runs):
     assert cfg["train"]["expert_parallel"] == 2
 
 
+def test_replicated_experts_and_fitted_chunks_match_single_process(runs):
+    """4 processes, experts sharded over 2 (each shard on two ranks), r chosen by the fitted cost model."""
+    proc = torchrun(4, *TINY, "--name", "ep2x2", "--expert-parallel", "2", "--overlap-chunks", "0")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "chosen by the cost model" in proc.stderr
+    assert_close(losses(runs / "ep2x2"), losses(runs / "single"))
+
+
 def test_checkpoint_from_ep2_resumes_at_ep1(runs):
     run = rewind(runs / "ep2", runs / "ep2-to-1", 10)
     assert main(["train", "--resume", str(run), "--expert-parallel", "1", "--no-progress"]) == 0
