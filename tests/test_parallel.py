@@ -138,3 +138,37 @@ def test_linear_cost_fit():
     assert fit.intercept == pytest.approx(0.5) and fit.slope == pytest.approx(0.25)
     with pytest.raises(ValueError):
         LinearCost.fit([1, 1], [1, 2])
+
+
+# --------------------------------------------------------------------------- routers under data parallelism
+def test_router_fitted_per_process_is_refused():
+    from moekit import MoE
+    from moekit.parallel import ParallelLayout, expert_parallel
+
+    layer = MoE(dim=8, num_experts=4, top_k=1, hidden_dim=8, router="mixer", aux_loss=None)
+    with pytest.raises(ValueError, match="cannot run on 2 processes"):
+        expert_parallel(layer, ParallelLayout(world_size=2, rank=0, ep_size=1))
+
+
+@pytest.mark.parametrize("router,extra", [("topk", {}), ("top_any", {})])
+def test_global_batch_losses_are_shares_of_the_global_batch(monkeypatch, router, extra):
+    """Pretend the other ranks hold an identical batch (global counts doubled): every loss a router computes
+    as a global-batch loss must then be exactly half of its single-process value, the keep loss of top_any
+    included (it once was counted whole on every rank)."""
+    import torch
+
+    from moekit import MoE, balance
+
+    torch.manual_seed(0)
+    layer = MoE(dim=8, num_experts=4, top_k=2, hidden_dim=8, router=router, z_loss_coef=1e-3, **extra).train()
+    x = torch.randn(2, 5, 8)
+    torch.manual_seed(1)
+    alone = {k: float(v) for k, v in layer.gate(x.reshape(-1, 8)).aux_losses.items()}
+    monkeypatch.setattr(balance, "global_counts",
+                        lambda counts, tokens, seqs, group: (2 * counts, 2 * tokens, 2 * seqs))
+    layer.gate.data_group = object()
+    torch.manual_seed(1)
+    shared = {k: float(v) for k, v in layer.gate(x.reshape(-1, 8)).aux_losses.items()}
+    assert set(alone) == set(shared) and len(alone) >= 2
+    for name in alone:
+        assert shared[name] == pytest.approx(alone[name] / 2, rel=1e-6), name
