@@ -242,33 +242,41 @@ class Trainer:
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        input_ids_BL, targets_BL = next(self.batches)
-        if self.sharding is not None:
-            return self._distributed_step(input_ids_BL, targets_BL, lr)
-        logits_BLV = self.model(input_ids_BL)
-        ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
-                             ignore_index=IGNORE_INDEX)
-        aux = aux_loss(self.model)
-        loss = ce + aux
-        if not torch.isfinite(loss):
-            raise NonFiniteLoss(f"loss became non-finite ({float(loss.detach())}) at step {self.step + 1}")
+        ce, aux, ce_value, aux_value = self._losses(*next(self.batches))
+        if not math.isfinite(ce_value + aux_value):
+            raise NonFiniteLoss(f"loss became non-finite ({ce_value + aux_value}) at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (ce + aux).backward()
+        if self.sharding is not None:
+            self.sharding.sync_gradients()
         grad_norm = float("nan")
         if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip))
+            grad_norm = (self.sharding.clip_grad_norm(cfg.grad_clip) if self.sharding is not None else
+                         float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)))
         self.optimizer.step()
-        return self._finish_step(float(ce.detach()), float(aux.detach()), lr, grad_norm)
+        vios, loads = _layer_stats(self.model, self.layout)
+        end_step(self.model)
+        self.step += 1
+        return {"step": self.step, "loss": ce_value, "aux_loss": aux_value, "bits_per_byte": ce_value / LN2,
+                "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
 
-    def _distributed_step(self, input_ids_BL: torch.Tensor, targets_BL: torch.Tensor, lr: float) -> dict:
-        """One step on this rank's rows of the global batch; every loss is this rank's share of the global
-        loss and gradients are summed (see :mod:`moekit.parallel.sharding`)."""
+    def _losses(self, input_ids_BL: torch.Tensor, targets_BL: torch.Tensor):
+        """``(ce, aux, ce value, aux value)`` of one batch: the mean next-token cross-entropy and the routers'
+        losses. Under expert parallelism this rank runs its rows of the global batch and its losses are its
+        shares of the global batch's (gradients are then summed, see :mod:`moekit.parallel.sharding`); the
+        values are the global losses."""
+        if self.sharding is None:
+            logits_BLV = self.model(input_ids_BL)
+            ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
+                                 ignore_index=IGNORE_INDEX)
+            aux = aux_loss(self.model)
+            return ce, aux, float(ce.detach()), float(aux.detach())
         import torch.distributed as dist
 
-        layout, cfg = self.layout, self.cfg
+        layout = self.layout
         # Routers' noise (jitter, Gumbel / logistic samples) draws a stream of its own on every rank, fixed by
         # (seed, step, rank) so that a resumed run draws the same.
-        torch.manual_seed(cfg.seed + 1_000_003 * (self.step + 1) + 7919 * layout.rank)
+        torch.manual_seed(self.cfg.seed + 1_000_003 * (self.step + 1) + 7919 * layout.rank)
         rows = input_ids_BL.shape[0] // layout.world_size
         mine = slice(layout.rank * rows, (layout.rank + 1) * rows)
         input_ids_BL, targets_BL = input_ids_BL[mine], targets_BL[mine]
@@ -280,24 +288,7 @@ class Trainer:
         aux = aux_loss(self.model)
         totals = torch.stack([ce.detach(), aux.detach()]).double()
         dist.all_reduce(totals, group=layout.data_group)
-        ce_total, aux_total = float(totals[0]), float(totals[1])
-        if not math.isfinite(ce_total + aux_total):
-            raise NonFiniteLoss(f"loss became non-finite ({ce_total + aux_total}) at step {self.step + 1}")
-        self.optimizer.zero_grad(set_to_none=True)
-        (ce + aux).backward()
-        self.sharding.sync_gradients()
-        grad_norm = float("nan")
-        if cfg.grad_clip > 0:
-            grad_norm = self.sharding.clip_grad_norm(cfg.grad_clip)
-        self.optimizer.step()
-        return self._finish_step(ce_total, aux_total, lr, grad_norm)
-
-    def _finish_step(self, ce: float, aux: float, lr: float, grad_norm: float) -> dict:
-        vios, loads = _layer_stats(self.model, self.layout)
-        end_step(self.model)
-        self.step += 1
-        return {"step": self.step, "loss": ce, "aux_loss": aux, "bits_per_byte": ce / LN2,
-                "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
+        return ce, aux, float(totals[0]), float(totals[1])
 
     # ---------------------------------------------------------------- loop
     def fit(self, on_step=None, desc: str = "train", leave: bool = True) -> dict:
