@@ -5,8 +5,8 @@ Legend: S rows sorted by expert, E experts, X input width, Y output width.
 ``grouped_mm(a_SX, b_EXY, offsets_E)`` multiplies each expert's block of rows by its own matrix;
 ``grouped_wgrad(dy_SY, x_SX, offsets_E)`` returns the per-expert weight gradients ``[E, Y, X]``.
 ``torch._grouped_mm`` does the work on the CPU (float32/bfloat16/float16, torch >= 2.9) and on CUDA (bfloat16,
-SM80+) when strides and data pointers are 16-byte aligned, as both kernels require; everything else (float64 in the tests, float32 on
-CUDA, unaligned widths, older builds) uses a loop of ``torch.mm`` over the experts.
+SM80+) when strides and data pointers are 16-byte aligned, as both kernels require; everything else (float64
+in the tests, float32 on CUDA, unaligned widths, older builds) uses a loop of ``torch.mm`` over the experts.
 """
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ class DispatchPlan:
 
     ``token_S`` and ``weight_S`` list the kept pairs (and zero-weight padding rows) in expert order;
     ``counts_E`` rows per expert; ``offsets_E`` their inclusive cumulative sum in int32 (the ``offs``
-    argument of ``torch._grouped_mm``). ``kept_E`` counts real (unpadded) pairs per expert, ``routed_E`` the pairs routed to it before dropping.
+    argument of ``torch._grouped_mm``). ``kept_E`` counts real (unpadded) pairs per expert, ``routed_E`` the
+    pairs routed to it before dropping.
     """
 
     token_S: torch.Tensor
