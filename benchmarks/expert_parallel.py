@@ -122,6 +122,7 @@ def overlap_worker(args) -> None:
         for r, t in measured.items():
             print(f"| {r} | {t:.4f} | {measured[1] / t:.2f}x | {model.gain(r, bytes_sent, rows):.2f}x |")
         print(f"\ncost model's choice on this machine: r = {model.best_chunks(bytes_sent, rows, 8)}")
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -81,6 +81,9 @@ def cmd_train(args) -> int:
             return 130
         if layout.is_main:
             _err(f"run folder: {run_dir}")
+        # Every rank past its last collective before any rank tears its process groups down: destroying a
+        # gloo group while a peer still talks on it aborted a process at exit (seen with 4 processes).
+        _barrier(layout)
         return 0
     finally:
         if layout.world_size > 1:
