@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from moekit.bench import SHAPES
-from moekit.dispatch.fused import GateSpec, fused_experts
+from moekit.dispatch.fused import ActivationSpec, fused_experts
 from moekit.dispatch.plan import make_plan
 from moekit.experts.activations import get_activation
 from moekit.routing.base import Routing
@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
     previous = previous_function(args.rev)
     act = get_activation("swiglu")
-    gate = GateSpec.from_activation(act)
+    gate = ActivationSpec.from_activation(act)
     print(f"| shape | previous ({args.rev}) fwd+bwd | FusedExperts fwd+bwd | new / previous |")
     print("|---|---|---|---|")
     for name, shape in SHAPES.items():

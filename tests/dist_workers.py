@@ -26,11 +26,11 @@ def _rank_tokens(rank: int, world: int, dim: int, sizes) -> list[torch.Tensor]:
 
 def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, sizes, chunks_list, dim=12,
                       hidden=6, num_experts=8, dtype=torch.float64):
-    """AllToAllDispatcher on a hand-made routing vs dispatch_local on the concatenated batch."""
+    """AllToAllDispatcher on a hand-made routing vs LocalDispatcher on the concatenated batch."""
     import torch.distributed as dist
 
     from moekit.dispatch.all_to_all import AllToAllDispatcher
-    from moekit.dispatch.local import dispatch_local
+    from moekit.dispatch.local import LocalDispatcher
     from moekit.dispatch.plan import make_plan
     from moekit.experts.dense import DenseExperts
     from moekit.routing.base import Routing
@@ -55,7 +55,7 @@ def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, siz
         x = xs[r].clone().requires_grad_(True)
         w = routings[r][1].clone().requires_grad_(True)
         plan = make_plan(Routing.from_topk(routings[r][0], w, num_experts))
-        out = dispatch_local(x, plan, full)
+        out = LocalDispatcher()(x, plan, full)
         out.backward(grads_out[r])
         ref_out.append(out.detach())
         ref_dx.append((x.grad, w.grad))
@@ -88,7 +88,7 @@ def _check_dispatcher(results: dict, name: str, layout, expert_ids_per_rank, siz
     dist.barrier()
 
 
-def _check_layer(results: dict, layout, bias_update=None, aux_loss="switch", empty_rank0=False):
+def _check_layer(results: dict, layout, bias_update=None, aux_loss="switch", empty_rank0=False, experts="dense"):
     """A MoE layer under expert parallelism vs the same layer on the whole batch: outputs, the summed aux
     loss shares, every gradient, and the auxiliary-loss-free bias after end_step."""
     import torch.distributed as dist
@@ -98,7 +98,7 @@ def _check_layer(results: dict, layout, bias_update=None, aux_loss="switch", emp
 
     rank, world = layout.rank, layout.world_size
     cfg = dict(dim=12, num_experts=8, top_k=2, hidden_dim=6, aux_loss=aux_loss, z_loss_coef=1e-3,
-               bias_update=bias_update, aux_loss_coef=0.1)
+               bias_update=bias_update, aux_loss_coef=0.1, experts=experts)
     torch.manual_seed(0)
     ref = MoE(**cfg).double().train()
     torch.manual_seed(0)
@@ -111,6 +111,8 @@ def _check_layer(results: dict, layout, bias_update=None, aux_loss="switch", emp
     xs = [torch.randn(n, seq, 12, generator=gen, dtype=torch.float64) for n in sizes]
     gs = [torch.randn(n, seq, 12, generator=gen, dtype=torch.float64) for n in sizes]
     key = f"layer/ep{layout.ep_size}/{aux_loss}/{bias_update}" + ("/empty0" if empty_rank0 else "")
+    if experts != "dense":
+        key += f"/{experts}"
     # Reference: the whole batch in one process; the task loss is a sum over tokens, so it splits exactly.
     x_all = torch.cat(xs).requires_grad_(True)
     out_all = ref(x_all)
@@ -180,6 +182,10 @@ def worker(rank: int, world: int, out_dir: str) -> None:
         # a rank with no tokens in training: its loss shares are zero, not NaN, and nobody hangs
         for kind in ("switch", "sequence", "global"):
             _check_layer(results, layout, aux_loss=kind, bias_update="sign", empty_rank0=True)
+        # Experts kinds written outside moekit (tests/custom_experts.py): only the Experts interface is used
+        import custom_experts  # noqa: F401  (registers test_loop and test_fakequant)
+        for kind in ("test_loop", "test_fakequant"):
+            _check_layer(results, layout, bias_update="sign", aux_loss="global", experts=kind)
         # experts replicated over world / ep ranks (pure data parallelism when world = 2)
         replicated = ParallelLayout.initialise(ep_size=world // 2, num_experts=8)
         _check_layer(results, replicated, bias_update="sign", aux_loss="global")

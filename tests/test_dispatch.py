@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch.func import functional_call
 
 import moekit
-from moekit.dispatch import GateSpec, fused_experts, grouped_mm, grouped_wgrad, make_plan
+from moekit.dispatch import ActivationSpec, fused_experts, grouped_mm, grouped_wgrad, make_plan
 from moekit.experts import get_activation
 from moekit.routing.base import Routing
 from reference import ACTIVATION_NAMES, capacity_of, ffn, keep_mask, random_weights, rel_err
@@ -19,7 +19,7 @@ from reference import ACTIVATION_NAMES, capacity_of, ffn, keep_mask, random_weig
 def glu_dispatch(x, token_S, weight_S, offsets, up, down, activation):
     """The one place that knows the fused function's argument list (moekit's dense experts' form)."""
     return fused_experts(x, token_S, weight_S, None, offsets, up, down,
-                         GateSpec.from_activation(get_activation(activation)))
+                         ActivationSpec.from_activation(get_activation(activation)))
 
 
 def offsets_of(counts):
@@ -89,7 +89,7 @@ def test_gradcheck_through_layer_expert_params(policy):
     """gradcheck of the whole layer with respect to every expert parameter (routing held fixed)."""
     E, D, F, T = 4, 5, 3, 7
     layer = moekit.MoE(dim=D, hidden_dim=F, num_experts=E, top_k=2, capacity_factor=0.75, drop_policy=policy,
-                       num_shared_experts=1, shared_hidden_dim=2, shared_expert_gate=True,
+                       eval_capacity_factor=0.75, num_shared_experts=1, shared_hidden_dim=2, shared_expert_gate=True,
                        aux_loss=None).double().eval()
     sd = random_weights(E, D, F, shared_hidden=2, shared_gate=True, seed=4)
     layer.load_state_dict(sd)
@@ -323,7 +323,7 @@ def test_gated_activation_returning_its_input_keeps_gradients_exact():
     w = torch.rand(8, dtype=torch.float64, generator=gen, requires_grad=True)
     token_S = torch.tensor([0, 1, 2, 3, 2, 3, 4, 5])
     offsets = torch.tensor([4, 8], dtype=torch.int32)
-    gate = GateSpec.from_activation(bilinear)
+    gate = ActivationSpec.from_activation(bilinear)
     for combine in (True, False):
         torch.autograd.gradcheck(
             lambda x, up, down, w: fused_experts(x, token_S, w, None, offsets, up, down, gate, combine=combine),
@@ -339,19 +339,19 @@ def test_dense_experts_pickle():
     torch.save(DenseExperts(4, 8, 4, "swiglu"), buf)  # the gate is a module-level callable, not a closure
     buf.seek(0)
     experts = torch.load(buf, weights_only=False)
-    assert experts.gate.fast is not None and experts.gate.fn(torch.ones(2, 8)).shape == (2, 4)
+    assert experts.act_spec.fast is not None and experts.act_spec.fn(torch.ones(2, 8)).shape == (2, 4)
 
 
 def test_gate_with_parameters_must_use_autograd():
     with pytest.raises(ValueError, match="autograd path"):
-        GateSpec(torch.sigmoid, get_activation("gelu"), (torch.zeros(1, requires_grad=True),))
+        ActivationSpec(torch.sigmoid, get_activation("gelu"), (torch.zeros(1, requires_grad=True),))
 
 
 def test_fused_experts_is_differentiated_once():
     x = torch.randn(4, 8, requires_grad=True)
     up, down = torch.randn(2, 8, 8, requires_grad=True), torch.randn(2, 8, 4, requires_grad=True)
     out = fused_experts(x, torch.arange(4), torch.ones(4), None, torch.tensor([2, 4], dtype=torch.int32), up, down,
-                        GateSpec.from_activation(get_activation("swiglu")))
+                        ActivationSpec.from_activation(get_activation("swiglu")))
     (grad_x,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         grad_x.sum().backward()

@@ -36,6 +36,8 @@ def build(E, D, F, K, *, activation="swiglu", dtype=torch.float64, seed=0, share
           shared_gate=False, num_shared=None, **cfg):
     """A moekit layer and the state dict loaded into it."""
     cfg.setdefault("aux_loss", None)
+    # the layer runs in eval mode (no noise, no losses): the capacity under test must apply at inference too
+    cfg.setdefault("eval_capacity_factor", cfg.get("capacity_factor"))
     if num_shared is None:
         num_shared = 1 if shared_hidden else 0
     config = MoEConfig(dim=D, hidden_dim=F, num_experts=E, top_k=K, activation=activation,

@@ -68,6 +68,14 @@ def test_layer_under_expert_parallelism(dist_results, check):
             assert err < LAYER_TOL, (rank, key, err)
 
 
+def test_custom_experts_under_expert_parallelism(dist_results):
+    """The two test-only Experts kinds ran through every layer check (tests/custom_experts.py)."""
+    world, results = dist_results
+    for kind in ("test_loop", "test_fakequant"):
+        for check in ("out", "dx", "grads", "full_state", "reshard"):
+            assert f"layer/ep{world}/global/sign/{kind}/{check}" in results[0], (kind, check)
+
+
 def test_loss_free_bias_synchronised(dist_results):
     world, results = dist_results
     for res in results:

@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 
 from . import balance, routing
+from . import experts as experts_registry
 from .dispatch.plan import DROP_POLICIES
 from .experts.activations import ACTIVATIONS
 
@@ -43,8 +44,11 @@ class MoEConfig:
     (K), ``activation`` (``swiglu``, ``geglu``, ``gelu``, ``relu``).
     Shared experts: ``num_shared_experts`` FFNs of width ``shared_hidden_dim`` (default ``hidden_dim``)
     always on, optionally gated by ``sigmoid(x W)`` (``shared_expert_gate``, as Qwen2-MoE).
+    Experts: ``experts``, a name of :func:`moekit.experts.names` (default ``dense``), with ``experts_options`` for
+    anything that kind takes beyond the model settings.
     Dispatch: ``capacity_factor`` (None = dropless) with ``drop_policy`` (``position`` or ``probs``) and
-    ``pad_to_capacity``.
+    ``pad_to_capacity``; ``capacity_factor`` applies in training, ``eval_capacity_factor`` at inference (default
+    None: dropless, so a token's output does not depend on the other tokens of the call, as in most frameworks).
     Router: ``router`` (a name of :func:`moekit.routing.names`), the token-choice settings in
     ``ROUTER_FIELDS`` (see :class:`moekit.routing.topk.TopKRouter`), and ``router_options`` for anything a
     particular router takes beyond them.
@@ -59,6 +63,7 @@ class MoEConfig:
     shared_hidden_dim: int | None = None
     shared_expert_gate: bool = False
     capacity_factor: float | None = None
+    eval_capacity_factor: float | None = None
     drop_policy: str = "position"
     pad_to_capacity: bool = False
     router: str = "topk"
@@ -74,6 +79,8 @@ class MoEConfig:
     bias_update: str | None = None
     bias_update_rate: float = 1e-3
     router_options: dict = field(default_factory=dict)
+    experts: str = "dense"
+    experts_options: dict = field(default_factory=dict)
     init_std: float = 0.02
 
     def __post_init__(self):
@@ -88,11 +95,11 @@ class MoEConfig:
             raise ValueError(f"num_shared_experts must be an integer >= 0, got {self.num_shared_experts!r}")
         if self.shared_hidden_dim is not None:
             _positive_int("shared_hidden_dim", self.shared_hidden_dim)
-        if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float)) and not isinstance(self.capacity_factor, bool)
-                and 0 < self.capacity_factor < math.inf):
-            raise ValueError(f"capacity_factor must be None (dropless) or a finite number > 0, "
-                             f"got {self.capacity_factor!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                          and 0 < value < math.inf):
+                raise ValueError(f"{name} must be None (dropless) or a finite number > 0, got {value!r}")
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(f"drop_policy must be one of {DROP_POLICIES}, got {self.drop_policy!r}")
         routing.get(self.router)  # ValueError naming the allowed routers
@@ -102,6 +109,30 @@ class MoEConfig:
             raise ValueError(f"bias_update must be one of {balance.BIAS_RULES} or None, got {self.bias_update!r}")
         if not isinstance(self.router_options, dict):
             raise ValueError(f"router_options must be a dict, got {type(self.router_options).__name__}")
+        experts_registry.get(self.experts)  # ValueError naming the allowed experts
+        if not isinstance(self.experts_options, dict):
+            raise ValueError(f"experts_options must be a dict, got {type(self.experts_options).__name__}")
+        if isinstance(self.init_std, bool) or not isinstance(self.init_std, (int, float)) \
+                or not 0 < self.init_std < math.inf:
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
+        self._check_router()
+
+    def _check_router(self) -> None:
+        """Build the router once on the meta device (no memory, no computation), so that every check of its
+        constructor (groups dividing the experts, jitter range, unknown ``router_options``, ...) runs when the
+        config is made, not when a layer is built from it. Its warnings are left to the real construction."""
+        import warnings
+
+        import torch
+
+        kwargs = self.router_kwargs()
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                routing.get(self.router)(dim=self.dim, num_experts=self.num_experts, top_k=self.top_k, **kwargs)
+        except TypeError as exc:  # an option the router's constructor does not take
+            raise ValueError(f"router {self.router!r}: invalid router_options {sorted(self.router_options)} "
+                             f"({exc})") from None
 
     def router_kwargs(self) -> dict:
         """Keyword options for the router's constructor.

@@ -1,20 +1,24 @@
-"""The MoE layer: Router -> Routing -> DispatchPlan -> Experts -> combine (+ shared experts).
+"""The MoE layer: Router -> Routing -> DispatchPlan -> (plan hooks) -> Dispatcher(Experts) -> + shared experts.
 
-Legend: T tokens, D model width, E experts.
+Legend: see docs/architecture.md (T tokens, D model width, E experts).
 """
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import balance, routing
+from . import experts as experts_registry
 from .config import MoEConfig
-from .dispatch.local import dispatch_local
-from .dispatch.plan import make_plan
-from .experts.dense import DenseExperts
+from .dispatch.local import LocalDispatcher
+from .dispatch.plan import DispatchPlan, make_plan
+from .experts.base import Experts
 from .experts.shared import SharedExpert
 from .routing.base import Routing, RoutingContext
 
@@ -41,12 +45,24 @@ class LoadStats:
 class MoE(nn.Module):
     """A sparse Mixture-of-Experts FFN: ``forward(x[..., dim]) -> [..., dim]``.
 
+    The forward runs in named stages, each a method a subclass may override:
+
+    1. :meth:`route` (``x_TD -> Routing``, the router),
+    2. :meth:`make_plan` (``Routing -> DispatchPlan``: sort by expert, capacity),
+    3. :meth:`run_experts` (``plan -> out_TD`` through :attr:`dispatcher` and :attr:`experts`; the plan hooks
+       run first, see :meth:`register_plan_hook`),
+    4. :meth:`add_shared_experts`,
+    5. :meth:`record` (losses, routing and load statistics of the call).
+
     After each call: ``aux_losses`` (dict of named scalar tensors, coefficient applied), ``aux_loss`` (their
-    sum, or None), ``last_routing`` (the :class:`Routing`) and ``load`` (:class:`LoadStats`: tokens per
-    expert, MaxVio, fraction dropped). Parameter names follow Hugging Face transformers 5
-    (``gate.weight [E, D]``, ``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``,
+    sum, or None), ``last_routing`` (the :class:`Routing`), ``last_plan`` and ``load`` (:class:`LoadStats`:
+    tokens per expert, MaxVio, fraction dropped). Parameter names follow Hugging Face transformers 5
+    (``gate.weight [E, D]`` for the router, ``experts.gate_up_proj [E, 2F, D]``, ``experts.down_proj [E, D, F]``,
     ``shared_expert.*``, ``shared_expert_gate.weight``), so OLMoE / Mixtral / Qwen2-MoE block state dicts load
-    directly.
+    directly; in code the router is :attr:`router` (the submodule is named ``gate`` only for those names).
+
+    Capacity: ``config.capacity_factor`` applies in training; at inference ``config.eval_capacity_factor``
+    (default None: dropless, so a token's output never depends on the other tokens of the call).
 
     NaN in the input propagates to the output rows of the affected tokens; nothing raises.
     """
@@ -61,20 +77,32 @@ class MoE(nn.Module):
         router_cls = routing.get(config.router)
         self.gate = router_cls(dim=config.dim, num_experts=config.num_experts, top_k=config.top_k,
                                **config.router_kwargs())
-        self.experts = DenseExperts(config.num_experts, config.dim, config.hidden_dim, config.activation,
-                                    init_std=config.init_std)
+        experts_cls = experts_registry.get(config.experts)
+        self.experts = experts_cls(num_experts=config.num_experts, dim=config.dim, hidden_dim=config.hidden_dim,
+                                   activation=config.activation, init_std=config.init_std,
+                                   **config.experts_options)
+        if not isinstance(self.experts, Experts):
+            raise TypeError(f"experts {config.experts!r} built a {type(self.experts).__name__}, not an Experts")
         if config.num_shared_experts > 0:
             width = config.num_shared_experts * (config.shared_hidden_dim or config.hidden_dim)
             self.shared_expert = SharedExpert(config.dim, width, config.activation, init_std=config.init_std)
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.dim, 1, bias=False)
                 nn.init.normal_(self.shared_expert_gate.weight, std=config.init_std)
-        self.dispatcher = None  # None: local dispatch; an AllToAllDispatcher under expert parallelism
+        # ``dispatcher(x_TD, plan, experts) -> out_TD``: local by default, all-to-all under expert parallelism
+        self.dispatcher = LocalDispatcher()
         self.data_parallel_size = 1  # ranks whose losses are summed (moekit.parallel sets it)
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: Routing | None = None
+        self.last_plan: DispatchPlan | None = None
         self.load: LoadStats | None = None
+        self._plan_hooks: OrderedDict[int, Callable] = OrderedDict()  # weak-referenceable, as torch hooks need
         self._warned_unbalanced = False
+
+    @property
+    def router(self) -> routing.Router:
+        """The layer's router (the ``gate`` submodule)."""
+        return self.gate
 
     @property
     def aux_loss(self) -> torch.Tensor | None:
@@ -87,6 +115,19 @@ class MoE(nn.Module):
         """The router whose losses and ``end_step`` :func:`aux_loss` / :func:`end_step` look after."""
         return self.gate
 
+    def register_plan_hook(self, hook: Callable) -> RemovableHandle:
+        """Call ``hook(layer, x_TD, plan)`` after the plan is made and before any expert runs.
+
+        A hook sees which experts are about to run and with how many rows (``plan.counts_E``, ``plan.expert_S``):
+        the place to prefetch experts, compact the plan to the resident ones, or swap in a low-bit copy. It
+        returns None to let the layer run its experts, or ``out_TD`` (``[T, D]``, the routing-weighted expert
+        output, shared experts excluded) to replace the experts call; hooks run in registration order and the
+        first that returns a tensor ends the experts stage. Returns a handle whose ``remove()`` unregisters it.
+        """
+        handle = RemovableHandle(self._plan_hooks)
+        self._plan_hooks[handle.id] = hook
+        return handle
+
     def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
             raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -94,6 +135,53 @@ class MoE(nn.Module):
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
         if x.dim() == 0 or x.shape[-1] != self.config.dim:
             raise ValueError(f"x must have shape [..., dim={self.config.dim}], got {tuple(x.shape)}")
+
+    # ------------------------------------------------------------------------------------ stages
+    def route(self, x_TD: torch.Tensor, ctx: RoutingContext) -> Routing:
+        """Stage 1: the router's choice of experts and routing weights for every token."""
+        if self.training and not self._warned_unbalanced:
+            self._warned_unbalanced = True
+            if self.gate.learned and not self.gate.has_balancing() and torch.is_grad_enabled():
+                warnings.warn("moekit.MoE: training with every load-balancing method off (aux_loss=None, "
+                              "bias_update=None); experts may collapse", stacklevel=5)
+        return self.gate(x_TD, ctx)
+
+    def capacity_factor(self) -> float | None:
+        """The capacity factor in force: ``capacity_factor`` in training, ``eval_capacity_factor`` otherwise."""
+        return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
+
+    def make_plan(self, routing_out: Routing) -> DispatchPlan:
+        """Stage 2: pairs sorted by expert, capacity applied."""
+        cfg = self.config
+        return make_plan(routing_out, self.capacity_factor(), cfg.drop_policy, cfg.pad_to_capacity)
+
+    def run_experts(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """Stage 3: the plan hooks, then (unless one answered) the dispatcher around the experts."""
+        for hook in list(self._plan_hooks.values()):
+            out_TD = hook(self, x_TD, plan)
+            if out_TD is not None:
+                return out_TD
+        return self.dispatcher(x_TD, plan, self.experts)
+
+    def add_shared_experts(self, x_TD: torch.Tensor, out_TD: torch.Tensor) -> torch.Tensor:
+        """Stage 4: the always-on shared experts (optionally gated), added to the routed output."""
+        if self.config.num_shared_experts == 0:
+            return out_TD
+        shared_TD = self.shared_expert(x_TD)
+        if self.config.shared_expert_gate:
+            shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
+        return out_TD + shared_TD
+
+    def record(self, routing_out: Routing, plan: DispatchPlan) -> None:
+        """Stage 5: keep the call's losses, routing, plan and load statistics."""
+        self.aux_losses = routing_out.aux_losses
+        if self.data_parallel_size > 1 and self.gate.data_group is None:
+            # The router's losses are means over this rank's tokens: each rank contributes its share of the
+            # average over ranks (losses are summed over ranks, see moekit.parallel).
+            self.aux_losses = {k: v / self.data_parallel_size for k, v in self.aux_losses.items()}
+        self.last_routing = routing_out
+        self.last_plan = plan
+        self.load = LoadStats(plan.routed_E.detach(), plan.kept_E.detach(), plan.num_pairs, plan.num_dropped)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         self._check_input(x)
@@ -105,30 +193,11 @@ class MoE(nn.Module):
             ctx = RoutingContext(batch_shape=tuple(shape[:-1]))
         elif ctx.batch_shape is None:
             ctx.batch_shape = tuple(shape[:-1])
-        if self.training and not self._warned_unbalanced:
-            self._warned_unbalanced = True
-            if self.gate.learned and not self.gate.has_balancing() and torch.is_grad_enabled():
-                warnings.warn("moekit.MoE: training with every load-balancing method off (aux_loss=None, "
-                              "bias_update=None); experts may collapse", stacklevel=4)
-        routing_out = self.gate(x_TD, ctx)
-        cfg = self.config
-        plan = make_plan(routing_out, cfg.capacity_factor, cfg.drop_policy, cfg.pad_to_capacity)
-        if self.dispatcher is None:
-            out_TD = dispatch_local(x_TD, plan, self.experts)
-        else:
-            out_TD = self.dispatcher(x_TD, plan, self.experts)
-        if cfg.num_shared_experts > 0:
-            shared_TD = self.shared_expert(x_TD)
-            if cfg.shared_expert_gate:
-                shared_TD = torch.sigmoid(self.shared_expert_gate(x_TD)) * shared_TD
-            out_TD = out_TD + shared_TD
-        self.aux_losses = routing_out.aux_losses
-        if self.data_parallel_size > 1 and self.gate.data_group is None:
-            # The router's losses are means over this rank's tokens: each rank contributes its share of the
-            # average over ranks (losses are summed over ranks, see moekit.parallel).
-            self.aux_losses = {k: v / self.data_parallel_size for k, v in self.aux_losses.items()}
-        self.last_routing = routing_out
-        self.load = LoadStats(plan.routed_E.detach(), plan.kept_E.detach(), plan.num_pairs, plan.num_dropped)
+        routing_out = self.route(x_TD, ctx)
+        plan = self.make_plan(routing_out)
+        out_TD = self.run_experts(x_TD, plan)
+        out_TD = self.add_shared_experts(x_TD, out_TD)
+        self.record(routing_out, plan)
         return out_TD.view(shape)
 
 

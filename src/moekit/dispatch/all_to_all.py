@@ -1,6 +1,6 @@
 """All-to-all dispatch: experts sharded over an expert-parallel group of torch.distributed ranks.
 
-Legend: T tokens, D model width, E experts in the model, P expert-parallel ranks, L = E / P experts on this
+Legend: T tokens, D model width, E experts in the model, P expert-parallel ranks, M = E / P experts on this
 rank, S this rank's routed pairs (sorted by global expert, hence by destination rank), R rows this rank's
 experts receive, r chunks.
 
@@ -10,14 +10,15 @@ local expert and run through the experts' grouped matrix products, and the outpu
 reverse splits; the gate weights are applied and the rows summed into tokens on the rank that owns them.
 Ranks or experts that receive no rows take part in every exchange with zero-length splits.
 
-Overlap (FSMoE, PAPERS.md item 26): the exchange is cut into ``r`` chunks, chunk ``c`` carrying the rows of
+Overlap (FSMoE: "FSMoE: A Flexible and Scalable Training System for Sparse Mixture-of-Experts Models",
+arXiv:2501.10714): the exchange is cut into ``r`` chunks, chunk ``c`` carrying the rows of
 the ``c``-th block of each rank's local experts. The dispatch of chunk ``c + 1`` and the return of chunk
 ``c - 1`` are in flight (asynchronous collectives) while chunk ``c`` is computed, in the forward pass and in
 the backward pass. Chunks are cut at expert boundaries so that every expert multiplies exactly the rows it
 multiplies with ``r = 1``, with the same sizes, and every weight gradient sums the same rows in the same order:
 results are bit-for-bit those of ``r = 1`` (tested in float32 and float64 on the CPU; a BLAS that picked
 kernels by memory alignment could still differ in the last bits). FSMoE cuts by tokens instead, which changes
-the matrix sizes and the weight gradients' summation order; cutting by experts bounds ``r`` by ``L``.
+the matrix sizes and the weight gradients' summation order; cutting by experts bounds ``r`` by ``M``.
 """
 from __future__ import annotations
 
@@ -25,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .fused import expert_rows
-from .local import _GatherRows, _ScatterAddRows
+from .ops import combine, gather
 from .plan import DispatchPlan
 
 
@@ -67,7 +67,7 @@ class ExchangePlan:
 
 
 def exchange_counts(counts_E: torch.Tensor, ep_size: int, group) -> torch.Tensor:
-    """``recv_PL[p, l]``: how many rows rank ``p`` sends to this rank's local expert ``l`` (one all-to-all)."""
+    """``recv_PM[p, l]``: how many rows rank ``p`` sends to this rank's local expert ``l`` (one all-to-all)."""
     import torch.distributed as dist
 
     send_E = counts_E.to(torch.int64).contiguous()
@@ -76,23 +76,23 @@ def exchange_counts(counts_E: torch.Tensor, ep_size: int, group) -> torch.Tensor
     return recv_E.view(ep_size, -1)
 
 
-def make_exchange_plan(counts_E: torch.Tensor, recv_PL: torch.Tensor, chunks: int) -> ExchangePlan:
+def make_exchange_plan(counts_E: torch.Tensor, recv_PM: torch.Tensor, chunks: int) -> ExchangePlan:
     """Build the per-chunk splits and permutations from this rank's ``counts_E`` (pairs per global expert,
-    in the order of ``x_SD``) and the received counts ``recv_PL``."""
-    ep_size, num_local = recv_PL.shape
+    in the order of ``x_SD``) and the received counts ``recv_PM``."""
+    ep_size, num_local = recv_PM.shape
     device = counts_E.device
-    both = torch.stack([counts_E.to(torch.int64).view(ep_size, num_local), recv_PL.to(torch.int64)]).cpu()
-    send_PL, recv_PL_cpu = both[0], both[1]  # one device-to-host copy for both
-    starts_PL = (torch.cumsum(send_PL.reshape(-1), 0) - send_PL.reshape(-1)).view(ep_size, num_local)
+    both = torch.stack([counts_E.to(torch.int64).view(ep_size, num_local), recv_PM.to(torch.int64)]).cpu()
+    send_PM, recv_PM_cpu = both[0], both[1]  # one device-to-host copy for both
+    starts_PM = (torch.cumsum(send_PM.reshape(-1), 0) - send_PM.reshape(-1)).view(ep_size, num_local)
     bounds = chunk_bounds(num_local, chunks)
     plan = ExchangePlan(bounds, [], [], [], [], [], [])
     for start, stop in bounds:
-        sizes_P = send_PL[:, start:stop].sum(1)
-        first_P = starts_PL[:, start]
+        sizes_P = send_PM[:, start:stop].sum(1)
+        first_P = starts_PM[:, start]
         pieces = [torch.arange(int(first_P[p]), int(first_P[p] + sizes_P[p])) for p in range(ep_size)]
         plan.send_index.append(torch.cat(pieces).to(device))
         plan.send_splits.append(sizes_P.tolist())
-        block_PX = recv_PL_cpu[:, start:stop]
+        block_PX = recv_PM_cpu[:, start:stop]
         plan.recv_splits.append(block_PX.sum(1).tolist())
         expert_of_row = torch.arange(stop - start).repeat(ep_size).repeat_interleave(block_PX.reshape(-1))
         sort = torch.argsort(expert_of_row, stable=True)
@@ -140,62 +140,72 @@ def _pipeline(rows_SD: torch.Tensor, xplan: ExchangePlan, group, compute) -> tor
 class ExpertParallelFFN(torch.autograd.Function):
     """``x_SD -> y_SD``: the rows of this rank's pairs through the experts that own them, wherever they live.
 
-    The forward keeps one small autograd graph per chunk (the expert FFN on the received rows); the backward
-    exchanges the output gradients chunk by chunk, differentiates each chunk's graph and sends the input
-    gradients back, with the same overlap as the forward.
+    The experts are any :class:`moekit.experts.Experts` holding this rank's shard; only their ``expert_rows``
+    is called. The forward keeps one small autograd graph per chunk (the experts on the received rows, the
+    chunk's counts with zeros for the other local experts); the backward exchanges the output gradients chunk
+    by chunk, differentiates each chunk's graph with respect to its rows and the experts' parameters, and sends
+    the input gradients back, with the same overlap as the forward. An expert's weight gradient comes from the
+    one chunk that holds it (the other chunks add exact zeros).
     """
 
     @staticmethod
-    def forward(ctx, x_SD, w_up_LHD, w_down_LDF, xplan: ExchangePlan, group, gate):
-        build = any(ctx.needs_input_grad[:3])
+    def forward(ctx, x_SD, xplan: ExchangePlan, group, experts, *params):
+        build = any(ctx.needs_input_grad)
+        num_local = experts.num_experts
         graphs = []
 
-        def compute(c, x_XD):
+        def counts_of(c):
             start, stop = xplan.bounds[c]
+            counts_M = torch.zeros(num_local, dtype=torch.int64)
+            counts_M[start:stop] = xplan.counts[c]
+            return counts_M
+
+        def compute(c, x_XD):
             if not build:
-                return expert_rows(x_XD, w_up_LHD[start:stop], w_down_LDF[start:stop], xplan.counts[c], gate)
+                return experts.expert_rows(x_XD, counts_of(c))
             with torch.enable_grad():
-                leaves = (x_XD.requires_grad_(True), w_up_LHD[start:stop].detach().requires_grad_(True),
-                          w_down_LDF[start:stop].detach().requires_grad_(True))
-                y_XD = expert_rows(*leaves, xplan.counts[c], gate)
-            graphs.append((leaves, y_XD))
+                x_leaf = x_XD.detach().requires_grad_(True)
+                y_XD = experts.expert_rows(x_leaf, counts_of(c))
+            graphs.append((x_leaf, y_XD))
             return y_XD.detach()
 
         y_SD = _pipeline(x_SD, xplan, group, compute)
-        ctx.graphs, ctx.xplan, ctx.group = graphs, xplan, group
-        ctx.weights = (w_up_LHD, w_down_LDF)
+        ctx.graphs, ctx.xplan, ctx.group, ctx.params = graphs, xplan, group, params
         return y_SD
 
     @staticmethod
     def backward(ctx, dy_SD):
-        xplan, graphs = ctx.xplan, ctx.graphs
+        xplan, graphs, params = ctx.xplan, ctx.graphs, ctx.params
         if graphs is None:
             raise RuntimeError("expert-parallel dispatch is differentiated once per forward; backward through it "
                                "a second time (retain_graph=True) is not supported")
-        w_up_LHD, w_down_LDF = ctx.weights
-        dw_up = torch.zeros_like(w_up_LHD)
-        dw_down = torch.zeros_like(w_down_LDF)
+        wanted = [i for i, p in enumerate(params) if ctx.needs_input_grad[4 + i]]
+        dparams = [None] * len(params)
 
         def compute(c, dy_XD):
-            start, stop = xplan.bounds[c]
-            leaves, y_XD = graphs[c]
-            dx_XD, dwu, dwd = torch.autograd.grad(y_XD, leaves, dy_XD, allow_unused=True)
-            if dwu is not None:
-                dw_up[start:stop] = dwu
-            if dwd is not None:
-                dw_down[start:stop] = dwd
-            return dx_XD if dx_XD is not None else torch.zeros_like(dy_XD)
+            x_leaf, y_XD = graphs[c]
+            inputs = (x_leaf, *(params[i] for i in wanted))
+            grads = torch.autograd.grad(y_XD, inputs, dy_XD, allow_unused=True)
+            for i, g in zip(wanted, grads[1:]):
+                if g is not None:
+                    dparams[i] = g if dparams[i] is None else dparams[i] + g
+            return grads[0] if grads[0] is not None else torch.zeros_like(dy_XD)
 
         dx_SD = _pipeline(dy_SD.contiguous(), xplan, ctx.group, compute)
         ctx.graphs = None
-        return dx_SD, dw_up, dw_down, None, None, None
+        for i in wanted:
+            if dparams[i] is None:
+                dparams[i] = torch.zeros_like(params[i])
+        return (dx_SD, None, None, None, *dparams)
 
 
 class AllToAllDispatcher:
     """The expert-parallel dispatcher of a :class:`moekit.MoE` layer whose ``experts`` hold this rank's shard.
 
+    Same call as :class:`moekit.dispatch.local.LocalDispatcher`: ``dispatcher(x_TD, plan, experts) -> out_TD``.
     ``chunks`` is the overlap degree ``r`` (1: no overlap). The plan's expert ids are global; the layer's
-    ``experts`` hold experts ``ep_rank * L .. (ep_rank + 1) * L - 1``.
+    ``experts`` (any :class:`moekit.experts.Experts`, sharded with ``shard``) hold experts
+    ``ep_rank * M .. (ep_rank + 1) * M - 1``.
     """
 
     def __init__(self, group, ep_size: int, chunks: int = 1):
@@ -207,12 +217,13 @@ class AllToAllDispatcher:
         self.last_exchange: ExchangePlan | None = None
 
     def __call__(self, x_TD: torch.Tensor, plan: DispatchPlan, experts) -> torch.Tensor:
-        if not hasattr(experts, "up_weight"):
-            raise TypeError(f"expert parallelism needs dense experts, got {type(experts).__name__}")
-        recv_PL = exchange_counts(plan.counts_E, self.ep_size, self.group)
-        xplan = make_exchange_plan(plan.counts_E, recv_PL, self.chunks)
+        recv_PM = exchange_counts(plan.counts_E, self.ep_size, self.group)
+        xplan = make_exchange_plan(plan.counts_E, recv_PM, self.chunks)
         self.last_exchange = xplan
-        x_SD = _GatherRows.apply(x_TD, plan.token_S)
-        y_SD = ExpertParallelFFN.apply(x_SD, experts.up_weight, experts.down_proj, xplan, self.group, experts.gate)
-        y_SD = y_SD * plan.weight_S.to(y_SD.dtype).unsqueeze(-1)
-        return _ScatterAddRows.apply(y_SD, plan.token_S, x_TD.shape[0])
+        x_SD = gather(x_TD, plan.token_S)
+        params = [p for p in experts.parameters() if p.requires_grad]
+        y_SD = ExpertParallelFFN.apply(x_SD, xplan, self.group, experts, *params)
+        return combine(y_SD, plan.weight_S, plan.token_S, x_TD.shape[0])
+
+    def __repr__(self) -> str:
+        return f"AllToAllDispatcher(ep_size={self.ep_size}, chunks={self.chunks})"

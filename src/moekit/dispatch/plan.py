@@ -51,13 +51,18 @@ def make_plan(
     capacity_factor: float | None = None,
     drop_policy: str = "position",
     pad_to_capacity: bool = False,
+    *,
+    foreign_ids: bool = False,
 ) -> DispatchPlan:
     """Turn a Routing into a DispatchPlan.
 
     Dropless when ``capacity_factor`` is None. Otherwise each expert keeps at most ``C`` pairs: the earliest
-    tokens (``drop_policy="position"``, GShard / Switch) or the highest gate weights (``"probs"``,
+    tokens (``drop_policy="position"``, GShard / Switch) or the highest routing weights (``"probs"``,
     Megatron-Core's ``probs`` policy); with ``pad_to_capacity`` every expert gets exactly ``C`` rows, the
-    missing ones zero-weight padding on token 0 (static shapes for compiled or expert-parallel code).
+    missing ones zero-weight padding on token 0 (static shapes for compiled or expert-parallel code; no padding
+    when there are no tokens). With ``foreign_ids`` (dropless only), expert ids ``>= E`` are allowed: the
+    sentinels transformers' expert parallelism writes for experts on other ranks. They sort to the tail and are
+    dropped (``num_dropped`` counts them).
     """
     num_experts = routing.num_experts
     expert_ids = routing.expert_ids
@@ -68,10 +73,19 @@ def make_plan(
         order = by_weight[torch.argsort(expert_ids[by_weight], stable=True)]
     else:
         order = torch.argsort(expert_ids, stable=True)
-    counts_E = torch.bincount(expert_ids, minlength=num_experts)
-    routed_E = counts_E
     capacity = None
     num_dropped = 0
+    if foreign_ids:
+        if capacity_factor is not None:
+            raise ValueError("make_plan: foreign expert ids are only supported without capacity")
+        counts_E = torch.bincount(expert_ids.clamp(max=num_experts), minlength=num_experts + 1)[:num_experts]
+        num_kept = int(counts_E.sum()) if num_experts > 0 else 0
+        if num_kept < num_pairs:
+            order = order[:num_kept]
+            num_dropped = num_pairs - num_kept
+    else:
+        counts_E = torch.bincount(expert_ids, minlength=num_experts)
+    routed_E = counts_E
     if capacity_factor is None:
         token_S = routing.token_ids[order]
         expert_S = expert_ids[order]
@@ -90,7 +104,7 @@ def make_plan(
         expert_S = expert_ids[order]
         weight_S = weights[order]
         counts_E = kept_E
-        if pad_to_capacity:
+        if pad_to_capacity and routing.num_tokens > 0:
             slot_S = expert_S * capacity + rank_S[keep_S]
             total = num_experts * capacity
             token_S = torch.zeros(total, dtype=token_S.dtype, device=token_S.device).index_copy(0, slot_S, token_S)

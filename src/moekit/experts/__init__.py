@@ -1,6 +1,8 @@
-"""Experts: ``grouped_forward(x_SD sorted by expert, counts_E) -> y_SD``."""
+"""Experts: one interface (:class:`Experts`), kinds registered by name (``moekit.experts.get(name)``)."""
 from .activations import ACTIVATIONS, Activation, get_activation
+from .base import Experts, GroupedExperts, get, names, register
 from .dense import DenseExperts
 from .shared import SharedExpert
 
-__all__ = ["ACTIVATIONS", "Activation", "DenseExperts", "SharedExpert", "get_activation"]
+__all__ = ["ACTIVATIONS", "Activation", "DenseExperts", "Experts", "GroupedExperts", "SharedExpert",
+           "get", "get_activation", "names", "register"]

@@ -3,7 +3,7 @@
 Legend: E experts, D model width, F expert hidden width, H = 2F for gated activations (else F).
 
 Gated activations (``swiglu``: Shazeer 2020, "GLU Variants Improve Transformer", arXiv:2002.05202;
-``geglu``) keep ``gate_up_proj [E, 2F, D]`` with the gate rows first, exactly as transformers'
+``geglu``) keep ``gate_up_proj [E, 2F, D]`` with the gate half's rows first, exactly as transformers'
 ``OlmoeExperts`` / ``MixtralExperts``; ungated ones (``gelu``, ``relu``) keep ``up_proj [E, F, D]``. Both keep
 ``down_proj [E, D, F]``.
 """
@@ -12,13 +12,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.fused import GateSpec, expert_rows, fused_experts
-from ..dispatch.plan import DispatchPlan
+from ..dispatch.fused import ActivationSpec
 from .activations import get_activation
+from .base import GroupedExperts, register
 
 
-class DenseExperts(nn.Module):
-    """``E`` independent FFN experts; ``grouped_forward(x_SD sorted by expert, counts_E) -> y_SD``."""
+@register("dense")
+class DenseExperts(GroupedExperts):
+    """``E`` independent FFN experts on stacked weights (the default kind, ``MoEConfig(experts="dense")``)."""
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
                  init_std: float = 0.02):
@@ -29,7 +30,7 @@ class DenseExperts(nn.Module):
         self.act = get_activation(activation)
         self.activation = self.act.name
         self.gated = self.act.gated
-        self.gate = GateSpec.from_activation(self.act)
+        self.act_spec = ActivationSpec.from_activation(self.act)
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         up = nn.Parameter(torch.empty(num_experts, up_rows, dim))
         if self.gated:
@@ -41,19 +42,15 @@ class DenseExperts(nn.Module):
         nn.init.normal_(self.down_proj, std=init_std)
 
     @property
-    def up_weight(self) -> torch.Tensor:
+    def w_up(self) -> torch.Tensor:
         """``[E, H, D]``: ``gate_up_proj`` for gated activations, ``up_proj`` otherwise."""
         return self.gate_up_proj if self.gated else self.up_proj
 
+    @property
+    def w_down(self) -> torch.Tensor:
+        """``[E, D, F]``: ``down_proj``."""
+        return self.down_proj
+
     def extra_repr(self) -> str:
-        return f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, activation={self.activation}"
-
-    def fused_dispatch(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        """Gather, expert FFN, gate weighting and scatter-add in one autograd function."""
-        return fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, self.up_weight,
-                             self.down_proj, self.gate)
-
-    def grouped_forward(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Expert outputs (unweighted) for rows already sorted by expert, ``counts_E`` rows each."""
-        return expert_rows(x_SD, self.up_weight, self.down_proj, counts_E, self.gate)
-
+        return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
+                f"activation={self.activation}")

@@ -14,7 +14,7 @@ gate/up (the layout is the module's own ``_apply_gate``'s business, which is cal
 activations are exact), transposed weights (``[E, D, H]`` / ``[E, F, D]``), per-expert biases, ungated experts
 (``up_proj`` + ``act_fn``), and post-expert norms (the function then returns the unweighted expert rows and the
 norm, routing weights and scatter run through ordinary autograd). Activations with a fused PyTorch backward
-(SiLU, GELU, ReLU behind the default gate) use it (:func:`gate_spec`); any other gate goes through autograd on
+(SiLU, GELU, ReLU behind the default gate) use it (:func:`activation_spec`); any other activation goes through autograd on
 a recomputation, including the gradients of parameters the activation module owns.
 """
 from __future__ import annotations
@@ -22,10 +22,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.fused import GateSpec, fused_experts
-from ..dispatch.local import _ScatterAddRows
-from ..dispatch.plan import DispatchPlan
+from ..dispatch.fused import ActivationSpec, StackedWeights, fused_experts
+from ..dispatch.ops import combine as combine_rows
+from ..dispatch.plan import DispatchPlan, make_plan
 from ..experts.activations import ACTIVATIONS, Activation
+from ..routing.base import Routing
 
 IMPLEMENTATION_NAME = "moekit"
 
@@ -36,40 +37,15 @@ IMPLEMENTATION_NAME = "moekit"
 
 
 def make_hf_plan(top_k_index_TK: torch.Tensor, top_k_weights_TK: torch.Tensor, num_experts: int) -> DispatchPlan:
-    """moekit's dropless :class:`DispatchPlan` from transformers' ``(top_k_index, top_k_weights)``.
-
-    Pairs are sorted by expert (stable, so token order is kept inside each expert). Ids ``>= num_experts`` are
-    the sentinels expert parallelism writes for experts living on other ranks: they sort to the tail and are
-    dropped (``num_dropped`` counts them).
-    """
-    num_tokens, top_k = top_k_index_TK.shape[0], top_k_index_TK.shape[-1]
-    expert_ids_S = top_k_index_TK.reshape(-1)
-    weights_S = top_k_weights_TK.reshape(-1)
-    num_pairs = expert_ids_S.numel()
-    order_S = torch.argsort(expert_ids_S, stable=True)
-    routed_E1 = torch.bincount(expert_ids_S.clamp(max=num_experts), minlength=num_experts + 1)
-    counts_E = routed_E1[:num_experts]
-    offsets_E = torch.cumsum(counts_E, 0).to(torch.int32)
-    num_kept = int(offsets_E[-1]) if num_experts > 0 else 0
-    if num_kept < num_pairs:
-        order_S = order_S[:num_kept]
-    return DispatchPlan(
-        token_S=torch.div(order_S, top_k, rounding_mode="floor"),
-        weight_S=weights_S[order_S],
-        expert_S=expert_ids_S[order_S],
-        counts_E=counts_E,
-        offsets_E=offsets_E,
-        kept_E=counts_E,
-        routed_E=counts_E,
-        num_tokens=num_tokens,
-        num_pairs=num_pairs,
-        num_dropped=num_pairs - num_kept,
-        capacity=None,
-    )
+    """moekit's dropless :class:`DispatchPlan` from transformers' ``(top_k_index, top_k_weights)``: the routing
+    as a :class:`moekit.routing.Routing` through :func:`moekit.dispatch.make_plan`, whose ``foreign_ids`` drops
+    the ids ``>= num_experts`` that expert parallelism writes for experts living on other ranks."""
+    routing_out = Routing.from_topk(top_k_index_TK, top_k_weights_TK, num_experts)
+    return make_plan(routing_out, foreign_ids=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Gate / activation
+# Activation
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -99,8 +75,9 @@ def _known_activation(act_fn) -> str | None:
     return None
 
 
-def gate_spec(module: nn.Module) -> GateSpec:
-    """The :class:`GateSpec` of a decorated transformers experts module."""
+def activation_spec(module: nn.Module) -> ActivationSpec:
+    """The :class:`ActivationSpec` of a decorated transformers experts module (its ``_apply_gate`` on both halves
+    of ``gate_up_proj``'s output, or ``act_fn`` when ungated)."""
     from transformers.integrations.moe import _default_apply_gate
 
     act_fn = getattr(module, "act_fn", None)
@@ -117,9 +94,9 @@ def gate_spec(module: nn.Module) -> GateSpec:
         fast = None
         if default_gate and known is not None:
             fast = Activation(f"{known}-glu", _FUSED[known][0], True, _FUSED[known][1])
-        return GateSpec(fn, fast, params)
+        return ActivationSpec(fn, fast, params)
     fast = Activation(known, _FUSED[known][0], False, _FUSED[known][1]) if known is not None else None
-    return GateSpec(fn, fast, params)
+    return ActivationSpec(fn, fast, params)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -149,18 +126,15 @@ def moekit_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_i
     b_down = self.down_proj_bias if self.has_bias else None
     w_down = self.down_proj
     x_TD = x_TD.to(w_up.dtype)
-    gate = gate_spec(self)
-    transposed = bool(self.is_transposed)
+    act_spec = activation_spec(self)
     combine = not self.has_post_expert_norm
-    out = fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, w_up, w_down, gate,
-                        b_up=b_up, b_down=b_down, transposed=transposed, combine=combine)
+    products = StackedWeights(w_up, w_down, bool(self.is_transposed))
+    out = fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, w_up, w_down, act_spec,
+                        b_up=b_up, b_down=b_down, combine=combine, products=products)
     if combine:
         out_TD = out
     else:
-        y_SD = out
-        y_SD = self.post_expert_norm(y_SD)
-        y_SD = y_SD * plan.weight_S.to(y_SD.dtype).unsqueeze(-1)
-        out_TD = _ScatterAddRows.apply(y_SD, plan.token_S, x_TD.shape[0])
+        out_TD = combine_rows(self.post_expert_norm(out), plan.weight_S, plan.token_S, x_TD.shape[0])
     return out_TD.to(hidden_states.dtype).reshape(shape)
 
 

@@ -1,6 +1,7 @@
 """Choosing the overlap degree r of the chunked all-to-all from fitted linear cost models (FSMoE).
 
-Paper: FSMoE (2025; PAPERS.md item 26, read from its abstract): split the exchange into r chunks so that the
+Paper: FSMoE ("FSMoE: A Flexible and Scalable Training System for Sparse Mixture-of-Experts Models",
+arXiv:2501.10714, read from its abstract): split the exchange into r chunks so that the
 all-to-all of one chunk overlaps the expert computation of another, and pick r from a linear cost model
 ``t = alpha + beta * bytes`` fitted to measured collectives.
 
@@ -122,8 +123,6 @@ def measure_experts(experts, row_counts, repeats: int = 5) -> list[tuple[int, fl
     """``[(rows, median seconds)]`` of the experts' forward on ``rows`` rows spread evenly over them."""
     import torch
 
-    from ..dispatch.fused import expert_rows
-
     weight = next(experts.parameters())
     out = []
     for rows in row_counts:
@@ -131,8 +130,7 @@ def measure_experts(experts, row_counts, repeats: int = 5) -> list[tuple[int, fl
         per[: rows % experts.num_experts] += 1
         x = torch.randn(rows, experts.dim, dtype=weight.dtype, device=weight.device)
         with torch.no_grad():
-            seconds = _median_time(lambda: expert_rows(x, experts.up_weight, experts.down_proj, per, experts.gate),
-                                   repeats, weight.device)
+            seconds = _median_time(lambda: experts.expert_rows(x, per), repeats, weight.device)
         out.append((rows, seconds))
     return out
 

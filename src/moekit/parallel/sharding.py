@@ -23,8 +23,8 @@ from .layout import ParallelLayout
 class ExpertSharding:
     """The expert-parallel form of one model on one rank; see the module docstring.
 
-    Construction slices every MoE layer's experts to this rank's block (parameter names are unchanged, the
-    first dimension shrinks from ``E`` to ``E / ep_size``), installs the all-to-all dispatcher with ``chunks``
+    Construction slices every MoE layer's experts to this rank's block with ``Experts.shard`` (parameter names
+    are unchanged, the first dimension shrinks from ``E`` to ``E / ep_size``), installs the all-to-all dispatcher with ``chunks``
     overlap chunks, and hands the data-parallel group to routers whose losses are global-batch losses.
     """
 
@@ -36,27 +36,22 @@ class ExpertSharding:
         if getattr(model, "_moekit_sharding", None) is not None:
             raise ValueError("this model is already sharded for expert parallelism")
         for layer in moe_layers(model):
-            note = type(layer.gate).data_parallel_note
+            note = type(layer.router).data_parallel_note
             if layout.world_size > 1 and note:
-                raise ValueError(f"router {type(layer.gate).__name__} cannot run on {layout.world_size} processes: "
+                raise ValueError(f"router {type(layer.router).__name__} cannot run on {layout.world_size} processes: "
                                  f"it {note}")
         self.num_local_experts = None
         for layer in moe_layers(model):
             layer.data_parallel_size = layout.world_size
-            if layout.world_size > 1 and layer.gate.global_batch_losses:
-                layer.gate.data_group = layout.data_group
+            if layout.world_size > 1 and layer.router.global_batch_losses:
+                layer.router.data_group = layout.data_group
             if layout.ep_size == 1:
                 continue
             experts = layer.experts
-            if not hasattr(experts, "up_weight"):
-                raise TypeError(f"expert parallelism needs dense experts, got {type(experts).__name__}")
             num_experts = experts.num_experts
             local = layout.local_experts(num_experts)
-            for name, param in list(experts.named_parameters(recurse=False)):
-                setattr(experts, name, nn.Parameter(param.detach()[local.start:local.stop].clone(),
-                                                    requires_grad=param.requires_grad))
+            for name in experts.shard(local):
                 self.sharded[f"{prefix[id(experts)]}.{name}".lstrip(".")] = num_experts
-            experts.num_experts = len(local)
             self.num_local_experts = len(local)
             layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep_size, chunks)
         model._moekit_sharding = self
@@ -67,7 +62,7 @@ class ExpertSharding:
         if self.num_local_experts is not None:
             chunks = max(1, min(chunks, self.num_local_experts))
         for layer in moe_layers(self.model):
-            if layer.dispatcher is not None:
+            if isinstance(layer.dispatcher, AllToAllDispatcher):
                 layer.dispatcher.chunks = chunks
         return chunks
 

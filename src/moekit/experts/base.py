@@ -1,0 +1,128 @@
+"""The Experts seam: one interface for every kind of experts, and a registry by name.
+
+Legend: T tokens, D model width, E experts (on this process), S routed pairs (sorted by expert).
+
+An Experts module holds ``num_experts`` expert functions ``R^D -> R^D`` and answers two calls:
+
+- ``forward(x_TD, plan) -> out_TD``: the layer's call, the routing-weighted combine
+  ``out_t = sum_s weight_s * expert_{e_s}(x_t)`` over the plan's pairs (:class:`moekit.dispatch.DispatchPlan`);
+- ``expert_rows(x_SD, counts_E) -> y_SD``: unweighted outputs for rows already sorted by expert, ``counts_E``
+  rows each (expert parallelism, post-expert norms, calibration).
+
+and ``shard(expert_ids)`` keeps only the given experts (expert parallelism; parameter names unchanged). The
+base class implements ``forward`` from ``expert_rows`` with the gather / scatter ops of
+:mod:`moekit.dispatch.ops`, so a new kind of experts only needs ``expert_rows``. Experts computed as
+``down(act(up(x)))`` with grouped products subclass :class:`GroupedExperts` instead and get the fused forward and
+hand-written backward of :class:`moekit.dispatch.fused.FusedExperts`; one that only stores its weights
+differently (packed, on disk) overrides the products of :class:`moekit.dispatch.fused.ExpertProducts`.
+
+Registered kinds are chosen by ``MoEConfig.experts`` (default ``"dense"``) with ``MoEConfig.experts_options``;
+each is constructed as ``cls(num_experts=E, dim=D, hidden_dim=F, activation=name, init_std=std, **options)``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..dispatch.fused import ActivationSpec, ExpertProducts, expert_rows, fused_experts
+from ..dispatch.ops import combine, gather
+from ..dispatch.plan import DispatchPlan
+
+__all__ = ["Experts", "GroupedExperts", "get", "names", "register"]
+
+_REGISTRY: dict[str, type["Experts"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an Experts class available as ``moekit.experts.get(name)`` and as
+    ``MoEConfig(experts=name)``."""
+
+    def wrap(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Experts)):
+            raise TypeError(f"experts {name!r}: {cls!r} is not a subclass of moekit.experts.Experts")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"experts name {name!r} is already registered to {_REGISTRY[name].__name__}")
+        _REGISTRY[name] = cls
+        cls.registry_name = name
+        return cls
+
+    return wrap
+
+
+def names() -> list[str]:
+    """The registered experts names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> type["Experts"]:
+    """The Experts class registered as ``name``; ``ValueError`` naming the allowed values otherwise."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"experts: unknown experts {name!r}; allowed: {', '.join(names())}") from None
+
+
+class Experts(nn.Module):
+    """Base class of every kind of experts; see the module docstring.
+
+    Subclasses set ``num_experts`` and ``dim`` and implement :meth:`expert_rows`.
+    """
+
+    num_experts: int
+    dim: int
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """``out_TD``: the routing-weighted sum of each token's experts' outputs."""
+        y_SD = self.expert_rows(gather(x_TD, plan.token_S), plan.counts_E)
+        return combine(y_SD, plan.weight_S, plan.token_S, x_TD.shape[0])
+
+    def expert_rows(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Unweighted outputs ``y_SD`` for rows sorted by expert, ``counts_E[e]`` rows for expert ``e``. Must be
+        differentiable in ``x_SD`` and in the experts' parameters, also for zero rows."""
+        raise NotImplementedError(f"{type(self).__name__} must implement expert_rows(x_SD, counts_E)")
+
+    def expert_parameter_names(self) -> list[str]:
+        """Names (relative to this module) of the tensors that hold one slice per expert along dimension 0: the
+        ones :meth:`shard` slices and checkpoints gather under expert parallelism. Default: every parameter
+        registered directly on this module."""
+        return [name for name, _ in self.named_parameters(recurse=False)]
+
+    @torch.no_grad()
+    def shard(self, expert_ids: range) -> list[str]:
+        """Keep only experts ``expert_ids`` (a contiguous range), renumbered from 0; returns the names of the
+        tensors sliced (see :meth:`expert_parameter_names`). Parameter names do not change."""
+        if not isinstance(expert_ids, range) or expert_ids.step != 1 or len(expert_ids) == 0 \
+                or expert_ids.start < 0 or expert_ids.stop > self.num_experts:
+            raise ValueError(f"shard: expert_ids must be a non-empty contiguous range inside "
+                             f"[0, {self.num_experts}), got {expert_ids!r}")
+        names = self.expert_parameter_names()
+        for name in names:
+            param = getattr(self, name)
+            if param.dim() == 0 or param.shape[0] != self.num_experts:
+                raise ValueError(f"shard: {type(self).__name__}.{name} has shape {tuple(param.shape)}, not one "
+                                 f"slice per expert along dimension 0")
+            setattr(self, name, nn.Parameter(param.detach()[expert_ids.start:expert_ids.stop].clone(),
+                                             requires_grad=param.requires_grad))
+        self.num_experts = len(expert_ids)
+        return names
+
+
+class GroupedExperts(Experts, ExpertProducts):
+    """Experts computed as ``down(act(up(x)))`` per expert with grouped products, through the fused autograd
+    function (one node for gather, both products, activation, routing weight and scatter).
+
+    Subclasses set ``act_spec`` (an :class:`moekit.dispatch.fused.ActivationSpec`) and either the stacked
+    weights ``w_up`` / ``w_down`` (properties are fine) or their own products (the methods of
+    :class:`moekit.dispatch.fused.ExpertProducts`, with :meth:`fused_weights` naming the tensors they
+    differentiate).
+    """
+
+    act_spec: ActivationSpec
+
+    def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        w_up, w_down = self.fused_weights()
+        return fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, w_up, w_down,
+                             self.act_spec, products=self)
+
+    def expert_rows(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        return expert_rows(x_SD, counts_E, self.act_spec, self)
