@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import moekit
 from moekit.cli import main
 
 TINY = ["--batch-size", "4", "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
@@ -61,9 +63,36 @@ def error_count(stderr: str, message: str) -> int:
     return sum(message in part.split("\n", 1)[0] for part in stderr.split("moekit train: error:")[1:])
 
 
+PACKAGE_DIR = Path(moekit.__file__).resolve().parent
+_FRAME = re.compile(r'^\s*File "([^"]+)", line \d+')
+
+
+def moekit_frames(stderr: str) -> list[str]:
+    """Traceback frames (``File "PATH", line N``) whose file lies inside the installed moekit package.
+
+    Paths are resolved and compared with the package folder found at test time, so neither the checkout's
+    location nor its folder name (a clone called ``moekit``, torchrun's own frames below it) matters."""
+    frames = []
+    for line in stderr.splitlines():
+        match = _FRAME.match(line)
+        if match and Path(match.group(1)).resolve().is_relative_to(PACKAGE_DIR):
+            frames.append(line.strip())
+    return frames
+
+
 def assert_no_moekit_traceback(stderr: str) -> None:
     """torchrun itself prints a traceback when a process exits non-zero; moekit's processes must not."""
-    assert "moekit/" not in "".join(line for line in stderr.splitlines() if line.strip().startswith("File "))
+    assert not moekit_frames(stderr), moekit_frames(stderr)
+
+
+def test_moekit_frames_ignores_the_checkout_folder_name():
+    inside = PACKAGE_DIR / "commands.py"
+    torch_frame = PACKAGE_DIR.parent.parent / "moekit" / ".venv" / "lib" / "torch" / "distributed" / "run.py"
+    stderr = (f'Traceback (most recent call last):\n  File "{torch_frame}", line 7, in <module>\n'
+              f'  File "/home/u/moekit/moekit/elastic.py", line 3, in main\nValueError: x\n')
+    assert moekit_frames(stderr) == []
+    assert moekit_frames(stderr + f'  File "{inside}", line 12, in cmd_train\n') == \
+        [f'File "{inside}", line 12, in cmd_train']
 
 
 def assert_close(got: list[float], want: list[float]) -> None:

@@ -119,8 +119,9 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(capsys):
     code = main(["train", *TINY, "--name", "nan", "--steps", "40", "--lr", "1e30", "--warmup-steps", "0",
                  "--grad-clip", "0"])
     err = capsys.readouterr().err
-    assert code == 1 and "non-finite" in err and "last good checkpoint" in err
-    assert (Path("runs/nan") / "config.json").is_file()
+    # it diverges before the first checkpoint (step 5): the message must not name a checkpoint that does not exist
+    assert code == 1 and "non-finite" in err and "no checkpoint was saved" in err and "step 0" not in err
+    assert (Path("runs/nan") / "config.json").is_file() and not (Path("runs/nan") / "latest.json").exists()
 
 
 def test_ctrl_c_saves_checkpoint_and_resume_matches(capsys, monkeypatch):

@@ -171,7 +171,7 @@ def test_config_dict_round_trip():
     with pytest.raises(ValueError, match="unknown model setting"):
         ModelConfig.from_dict({**data, "n_experts": 4})
     with pytest.raises(ValueError, match="unknown moe setting"):
-        ModelConfig.from_dict({**data, "moe": {**data["moe"], "experts": 4}})
+        ModelConfig.from_dict({**data, "moe": {**data["moe"], "n_experts": 4}})
     defaults = ModelConfig()
     assert (defaults.dim, defaults.n_layers, defaults.moe.num_experts, defaults.moe.top_k) == (256, 4, 16, 2)
 

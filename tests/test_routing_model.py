@@ -8,8 +8,8 @@ import torch.nn.functional as F
 import moekit
 from moekit import routing
 from moekit.model import ModelConfig, MoELM, generate, qwen3_incompatibilities, qwen3_moe_config_dict
-from moekit.routing import RoutingContext
-from moekit.routing.graph import ATTENTION_KEY, routing_fluctuation_rate
+from moekit.routing import MomentumState, RoutingContext
+from moekit.routing.graph import routing_fluctuation_rate
 
 NEW_ROUTERS = ["momentum", "adam", "similarity", "attention"]
 
@@ -30,8 +30,11 @@ def tiny_model(router="topk", router_options=None, seed=0, **overrides) -> MoELM
 def test_routers_are_registered():
     assert set(NEW_ROUTERS) <= set(routing.names())
     assert routing.get("attention").needs_attention and not routing.get("similarity").needs_attention
-    assert hasattr(routing.get("momentum"), "residual_update") and hasattr(routing.get("adam"), "residual_update")
-    assert not hasattr(routing.get("topk"), "residual_update")
+    assert routing.get("momentum").updates_residual and routing.get("adam").updates_residual
+    assert not routing.get("topk").updates_residual and not routing.get("topk").needs_attention
+    # the base hook is the plain residual: the MoE output itself, untouched
+    f = torch.randn(2, 3, 8)
+    assert routing.get("topk")(dim=8, num_experts=4, top_k=2).residual_update(f, RoutingContext()) is f
 
 
 # ---------------------------------------------------------------- momentum / adam
@@ -104,10 +107,10 @@ def test_adam_matches_reference_loop(adam_layers):
 
 def test_momentum_state_shape_mismatch_is_reported():
     router = routing.get("momentum")(dim=8, num_experts=4, top_k=2)
-    extras = {}
-    router.residual_update(torch.ones(2, 3, 8), extras)
+    ctx = RoutingContext()
+    router.residual_update(torch.ones(2, 3, 8), ctx)
     with pytest.raises(ValueError, match="one forward call"):
-        router.residual_update(torch.ones(2, 4, 8), extras)
+        router.residual_update(torch.ones(2, 4, 8), ctx)
 
 
 # ---------------------------------------------------------------- similarity / attention
@@ -140,18 +143,18 @@ def test_attention_router_uses_the_supplied_matrix():
     scores = torch.softmax(x @ router.weight.T, dim=-1).view(B, L, 6)
     graph = torch.tril(torch.rand(B, L, L)) + torch.eye(L)
     graph = graph / graph.sum(dim=-1, keepdim=True)
-    out = router(x, RoutingContext(batch_shape=(B, L), extras={ATTENTION_KEY: graph}))
+    out = router(x, RoutingContext(batch_shape=(B, L), attention_probs=graph))
     torch.testing.assert_close(out.probs, (graph @ scores).view(B * L, 6))
     # every token attending only to the first one routes as the first one
     first = torch.zeros(B, L, L)
     first[:, :, 0] = 1.0
-    out = router(x, RoutingContext(batch_shape=(B, L), extras={ATTENTION_KEY: first}))
+    out = router(x, RoutingContext(batch_shape=(B, L), attention_probs=first))
     ids = out.topk_ids.view(B, L, 2)
     assert torch.equal(ids, ids[:, :1].expand(B, L, 2))
-    with pytest.raises(ValueError, match=ATTENTION_KEY):
+    with pytest.raises(ValueError, match="attention_probs"):
         router(x, RoutingContext(batch_shape=(B, L)))
     with pytest.raises(ValueError, match="expected"):
-        router(x, RoutingContext(batch_shape=(B, L), extras={ATTENTION_KEY: graph[:, :3]}))
+        router(x, RoutingContext(batch_shape=(B, L), attention_probs=graph[:, :3]))
 
 
 def test_explicit_attention_matches_sdpa_and_is_causal():
@@ -173,30 +176,52 @@ def test_explicit_attention_matches_sdpa_and_is_causal():
         torch.testing.assert_close(chunk_probs, probs[:, 4:], rtol=1e-5, atol=1e-6)
 
 
-def capture_extras(model):
+def capture_contexts(model):
+    """(context, its attention_probs at call time) for every router call (the layer clears the field after)."""
     seen = []
     for layer in moekit.moe_layers(model):
-        layer.gate.register_forward_pre_hook(lambda mod, args: seen.append(dict(args[1].extras)))
+        layer.gate.register_forward_pre_hook(lambda mod, args: seen.append((args[1], args[1].attention_probs)))
     return seen
 
 
 def test_model_supplies_attention_only_to_routers_that_ask():
     ids = torch.randint(0, 256, (2, 6))
     model = tiny_model("attention").eval()
-    seen = capture_extras(model)
+    seen = capture_contexts(model)
     with torch.no_grad():
         model(ids)
     assert len(seen) == 3
-    for extras in seen:
-        probs = extras[ATTENTION_KEY]
+    for ctx, probs in seen:
         assert probs.shape == (2, 6, 6) and torch.all(probs.triu(diagonal=1) == 0)
         torch.testing.assert_close(probs.sum(-1), torch.ones(2, 6))
-    assert not torch.equal(seen[0][ATTENTION_KEY], seen[1][ATTENTION_KEY])  # each layer's own attention
+        assert ctx.attention_probs is None  # cleared after the MoE call
+    assert not torch.equal(seen[0][1], seen[1][1])  # each layer's own attention
     plain = tiny_model("topk").eval()
-    seen = capture_extras(plain)
+    seen = capture_contexts(plain)
     with torch.no_grad():
         plain(ids)
-    assert all(ATTENTION_KEY not in extras for extras in seen)
+    assert len(seen) == 3 and all(probs is None for _, probs in seen)
+
+
+def test_model_fills_typed_context_fields():
+    """One MomentumState per call shared by the layers; the cache and start position in typed fields."""
+    ids = torch.randint(0, 256, (2, 6))
+    model = tiny_model("similarity").eval()
+    seen = capture_contexts(model)
+    with torch.no_grad():
+        model(ids)
+        cache = model.new_kv_cache(batch_size=2, max_len=8)
+        model(ids[:, :4], kv_cache=cache, start_pos=0)
+        model(ids[:, 4:], kv_cache=cache, start_pos=4)
+    ctxs = [c for c, _ in seen]
+    first, second, third = ctxs[:3], ctxs[3:6], ctxs[6:]
+    assert all(isinstance(c.momentum, MomentumState) for c in ctxs)
+    assert first[0].momentum is first[2].momentum and first[0].momentum is not second[0].momentum
+    assert all(c.kv_cache is None and c.start_pos == 0 for c in first)
+    assert all(c.kv_cache is cache and c.start_pos == 0 for c in second)
+    assert all(c.kv_cache is cache and c.start_pos == 4 for c in third)
+    assert all(c.token_mask is None for c in ctxs)
+    assert [c.layer_index for c in third] == [0, 1, 2]
 
 
 @pytest.mark.parametrize("router", NEW_ROUTERS)

@@ -16,6 +16,11 @@ Losses (all return an unscaled scalar; routers multiply by their coefficient):
 * ``z_loss`` -- router z-loss ``mean_t logsumexp(logits_t)^2`` (ST-MoE, Zoph et al. 2022, arXiv:2202.08906,
   eq. 5).
 
+Padding: every loss takes ``token_mask`` (``[T]`` bool, True = a real token, None = all real) and is then the
+unmasked loss of the real tokens alone: means are over real tokens, counts come from real tokens' pairs,
+sequences are the real tokens of each row (rows without one are left out). With no token at all every loss
+is an exact zero, never NaN.
+
 Auxiliary-loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for
 Mixture-of-Experts", arXiv:2408.15664, Algorithm 1): a per-expert bias ``b`` is added to the scores for
 top-k *selection only*; after each optimiser step ``b_e += u * sign(mean_load - load_e)``. Han & Zhong 2025
@@ -45,44 +50,68 @@ AUX_LOSSES = ("switch", "sequence", "global")
 BIAS_RULES = ("sign", "proportional", "decaying")
 
 
-def switch_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+def _real_rows(x_TX: torch.Tensor, token_mask: torch.Tensor | None) -> torch.Tensor:
+    """``x_TX`` with the rows of masked tokens set to zero (not multiplied: padding may hold inf or NaN)."""
+    if token_mask is None:
+        return x_TX
+    return x_TX.masked_fill(~token_mask.to(x_TX.device).bool().reshape(-1, *([1] * (x_TX.dim() - 1))), 0.0)
+
+
+def _num_real(num_rows: int, token_mask: torch.Tensor | None) -> int:
+    return num_rows if token_mask is None else int(token_mask.sum())
+
+
+def switch_loss(probs_TE: torch.Tensor, counts_E: torch.Tensor, num_tokens: int | None = None,
+                token_mask: torch.Tensor | None = None) -> torch.Tensor:
     """``E * sum_e f_e * P_e``: ``f_e = counts_E[e] / sum(counts_E)``, ``P_e = sum_t probs_TE[t, e] / num_tokens``.
 
-    ``num_tokens`` defaults to ``T`` (the mean over these tokens). Under data parallelism it is the global
-    batch's token count and ``counts_E`` the global counts: each rank's value is then its share of the global
-    loss, the shares summing to it (zero, not NaN, for a rank with no tokens).
+    ``num_tokens`` defaults to the number of real tokens (the mean over them; all ``T`` without
+    ``token_mask``); ``counts_E`` must count the real tokens' pairs only. Under data parallelism it is the
+    global batch's real token count and ``counts_E`` the global counts: each rank's value is then its share of
+    the global loss, the shares summing to it (zero, not NaN, for a rank with no tokens).
     """
     num_experts = probs_TE.shape[-1]
-    denominator = probs_TE.shape[0] if num_tokens is None else num_tokens
+    denominator = _num_real(probs_TE.shape[0], token_mask) if num_tokens is None else num_tokens
     f_E = counts_E.to(probs_TE.dtype) / counts_E.sum().clamp(min=1).to(probs_TE.dtype)
-    P_E = probs_TE.sum(dim=0) / max(denominator, 1)
+    P_E = _real_rows(probs_TE, token_mask).sum(dim=0) / max(denominator, 1)
     return num_experts * torch.dot(f_E, P_E)
 
 
 def sequence_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, num_sequences: int,
-                  total_sequences: int | None = None) -> torch.Tensor:
-    """Switch loss per sequence over ``num_sequences`` equal-length sequences (token-major order), summed and
-    divided by ``total_sequences`` (default ``num_sequences``: the mean; under data parallelism the global
-    count, making each rank's value its share)."""
-    if num_sequences == 0:
-        return probs_TE.sum() * 0.0
+                  total_sequences: int | None = None, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Switch loss per sequence over ``num_sequences`` equal-length rows (token-major order), summed and divided
+    by ``total_sequences``.
+
+    With ``token_mask`` a sequence is the real tokens of its row (its ``f`` and ``P`` are means over them) and
+    rows without a real token are left out. ``total_sequences`` defaults to the number of sequences with at
+    least one real token (the mean over them); under data parallelism it is the global count, making each
+    rank's value its share."""
     num_tokens, num_experts = probs_TE.shape
+    if num_sequences == 0 or num_tokens == 0:
+        return probs_TE.sum() * 0.0
     seq_len = num_tokens // num_sequences
     top_k = expert_TK.shape[-1]
-    probs_BLE = probs_TE.reshape(num_sequences, seq_len, num_experts)
+    real_T = (torch.ones(num_tokens, dtype=torch.bool, device=probs_TE.device) if token_mask is None
+              else token_mask.to(probs_TE.device).bool().reshape(-1))
+    real_BL = real_T.reshape(num_sequences, seq_len).to(probs_TE.dtype)
+    probs_BLE = _real_rows(probs_TE, real_T).reshape(num_sequences, seq_len, num_experts)
     expert_BX = expert_TK.reshape(num_sequences, seq_len * top_k)
     counts_BE = torch.zeros(num_sequences, num_experts, dtype=probs_TE.dtype, device=probs_TE.device)
-    counts_BE.scatter_add_(1, expert_BX, torch.ones_like(expert_BX, dtype=probs_TE.dtype))
-    f_BE = counts_BE / (seq_len * top_k)
-    P_BE = probs_BLE.mean(dim=1)
-    total = num_sequences if total_sequences is None else total_sequences
+    counts_BE.scatter_add_(1, expert_BX, real_BL.repeat_interleave(top_k, dim=1))
+    n_B = real_BL.sum(dim=1)
+    f_BE = counts_BE / (n_B.clamp(min=1) * top_k)[:, None]
+    P_BE = probs_BLE.sum(dim=1) / n_B.clamp(min=1)[:, None]
+    total = int((n_B > 0).sum()) if total_sequences is None else total_sequences
     return num_experts * (f_BE * P_BE).sum() / max(total, 1)
 
 
-def z_loss(logits_TE: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
-    """Router z-loss: ``sum_t (logsumexp_e logits[t, e])^2 / num_tokens`` (default: the mean over ``T``)."""
-    denominator = logits_TE.shape[0] if num_tokens is None else num_tokens
-    return torch.logsumexp(logits_TE.float(), dim=-1).square().sum() / max(denominator, 1)
+def z_loss(logits_TE: torch.Tensor, num_tokens: int | None = None,
+           token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Router z-loss: ``sum_t (logsumexp_e logits[t, e])^2 / num_tokens`` over the real tokens (default: the
+    mean over them)."""
+    denominator = _num_real(logits_TE.shape[0], token_mask) if num_tokens is None else num_tokens
+    lse_T = _real_rows(torch.logsumexp(logits_TE.float(), dim=-1), token_mask)
+    return lse_T.square().sum() / max(denominator, 1)
 
 
 def max_violation(counts_E: torch.Tensor) -> float:
@@ -123,10 +152,29 @@ class LoadAccumulator:
     Serves the global-batch auxiliary loss (``f`` over everything seen since the last step) and the
     auxiliary-loss-free bias (load since the last update). Under data parallelism the router adds counts
     already summed over the ranks (:func:`global_counts`), so every rank applies the same update.
+
+    Routers call :meth:`update` once per forward: a forward recomputed by activation checkpointing adds nothing
+    and sees the counts its original forward saw.
     """
 
     def __init__(self, num_experts: int):
+        from .routing.base import CountSnapshots
+
         self.counts_E = torch.zeros(num_experts, dtype=torch.float64)
+        self._seen = CountSnapshots()
+
+    def update(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """Add one forward's counts (unless this forward is a recomputation) and return the accumulated counts
+        that forward sees (for the global-batch loss)."""
+        from .routing.base import recomputing
+
+        key = tuple(counts_E.detach().to("cpu", torch.float64).tolist())
+        if recomputing():
+            seen = self._seen.pop(key)
+            return seen if seen is not None else self.counts_E.clone()
+        self.add(counts_E)
+        self._seen.push(key, self.counts_E)
+        return self.counts_E.clone()
 
     def add(self, counts_E: torch.Tensor) -> None:
         if self.counts_E.device != counts_E.device:
@@ -135,6 +183,7 @@ class LoadAccumulator:
 
     def reset(self) -> None:
         self.counts_E.zero_()
+        self._seen.clear()
 
 
 @torch.no_grad()

@@ -3,8 +3,9 @@
 Implementations, on identical weights and identical routing:
 
 * ``moekit`` -- :class:`moekit.MoE` (router, plan, fused dispatch);
-* ``floor`` -- the same expert math (two grouped matrix products and the activation) on input already sorted
-  by expert with the same per-expert counts: no router, no gather, no scatter, no weighting;
+* ``floor`` -- the experts alone (``Experts.expert_rows``: two grouped matrix products and the activation, with
+  the fused backward) on input already sorted by expert with the same per-expert counts: no router, no plan, no
+  gather, no scatter, no weighting;
 * ``hf-eager`` / ``hf-grouped_mm`` -- transformers' ``OlmoeSparseMoeBlock`` with those experts
   implementations (when transformers is installed).
 
@@ -23,6 +24,7 @@ import argparse
 import ctypes
 import gc
 import json
+import re
 import statistics
 import sys
 import time
@@ -72,7 +74,7 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
     import warnings
 
     from . import MoE, RoutingContext
-    from .dispatch import grouped_mm, make_plan, workspace
+    from .dispatch import make_plan, workspace
 
     shape = SHAPES[shape_name]
     gen = torch.Generator().manual_seed(seed)
@@ -85,16 +87,16 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
     # token ids for routers that read them (hash routing): one sequence of random byte ids
     input_ids = torch.randint(0, 256, (1, shape["tokens"]), generator=gen).to(device)
 
-    extras = {}
-    if getattr(moe.gate, "needs_attention", False):
+    attention_probs = None
+    if moe.gate.needs_attention:
         # attention-aware routing reads the preceding attention layer's probabilities: a causal running mean
         # stands in for them here (what the layer is timed on, not what a model would learn)
         n = shape["tokens"]
         causal_TT = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1).unsqueeze(1)
-        extras["attention_probs"] = causal_TT.unsqueeze(0).to(device)
+        attention_probs = causal_TT.unsqueeze(0).to(device)
 
     def ctx():
-        return RoutingContext(batch_shape=(1, shape["tokens"]), input_ids=input_ids, extras=dict(extras))
+        return RoutingContext(batch_shape=(1, shape["tokens"]), input_ids=input_ids, attention_probs=attention_probs)
 
     dout = torch.randn(shape["tokens"], shape["dim"], generator=gen).to(device=device, dtype=dtype)
     params = list(moe.parameters())
@@ -124,28 +126,24 @@ def build_case(shape_name: str, impl: str, device: str, dtype: torch.dtype, rout
         return Case(fwd, fwd_bwd, zero(params), ws_bytes)
 
     if impl == "floor":
+        # the experts alone on rows already sorted by expert (no router, plan, gather or combine), through the
+        # Experts interface
         with torch.no_grad():
-            plan = make_plan(moe.gate(x, ctx()))
+            plan = make_plan(moe.router(x, ctx()))
         x_SD = x[plan.token_S].contiguous().requires_grad_(True)
         dy_SD = torch.randn(x_SD.shape, generator=gen).to(device=device, dtype=dtype)
-        w_up = moe.experts.gate_up_proj
-        w_down = moe.experts.down_proj
-        offsets = plan.offsets_E
-
-        def expert_math(inp):
-            h = grouped_mm(inp, w_up.transpose(1, 2), offsets)
-            gate, up = h.chunk(2, dim=-1)
-            return grouped_mm(torch.nn.functional.silu(gate) * up, w_down.transpose(1, 2), offsets)
+        experts = moe.experts
+        counts = plan.counts_E
 
         def fwd():
             with torch.no_grad():
-                return expert_math(x_SD)
+                return experts.expert_rows(x_SD, counts)
 
         def fwd_bwd():
             x_SD.grad = None
-            expert_math(x_SD).backward(dy_SD)
+            experts.expert_rows(x_SD, counts).backward(dy_SD)
 
-        return Case(fwd, fwd_bwd, zero([w_up, w_down]))
+        return Case(fwd, fwd_bwd, zero(list(experts.parameters())))
 
     if impl in ("hf-eager", "hf-grouped_mm"):
         from transformers import OlmoeConfig
@@ -286,9 +284,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq", type=int, default=512, help="with --hf: tokens per sequence (batch 2)")
 
 
+def _check_device(device: str) -> None:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``; anything else is refused before any work."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device or ""):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
 def main_from_args(args) -> int:
     from . import routing
 
+    _check_device(args.device)
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
     if args.hf:
         if not _has_transformers():
             raise ValueError("--hf needs transformers (pip install moekit[hf])")
@@ -311,6 +318,8 @@ def main_from_args(args) -> int:
     for i in impls:
         if i not in IMPLS:
             raise ValueError(f"--impls: unknown implementation {i!r}; allowed: {', '.join(IMPLS)}")
+    if not shapes or not impls:
+        raise ValueError("--shapes and --impls must each name at least one entry")
     routing.get(args.router)
     try:
         router_options = json.loads(args.router_options)

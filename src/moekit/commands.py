@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -32,36 +35,54 @@ LAYOUT_FLAGS = ("cfg__train__steps", "cfg__train__expert_parallel", "cfg__train_
 def cmd_train(args) -> int:
     """Train a new run or resume one; under torchrun every process runs this (rank 0 writes the files)."""
     from .train import (NonFiniteLoss, build_configs, new_run_config, read_run_config, read_toml, run_training)
-    from .io import atomic_write_json
+    from .train.config import check_run_config, run_data_path
+    from .io import atomic_write_json, remove_stale_temporaries
     from .parallel import ParallelLayout
 
     if args.resume:
         run_dir = Path(args.resume)
         base = read_run_config(run_dir)
+        check_run_config(base, str(run_dir / "config.json"))  # every key present: no silent defaults
         flags = [k for k in vars(args) if k.startswith("cfg__")]
         if args.config or args.data or [f for f in flags if f not in LAYOUT_FLAGS]:
             raise ValueError("--resume continues a run as configured; only --steps, --expert-parallel and "
                              "--overlap-chunks may change")
-        model_cfg, train_cfg = build_configs(args, base)
+        model_cfg, train_cfg = build_configs(args, base, where=str(run_dir / "config.json"))
         run_config = {**base, "model": model_cfg.to_dict(), "train": vars(train_cfg).copy()}
+        plugins = list(base.get("plugins") or [])  # loaded by read_run_config; --plugin may add more
+        plugins += [p for p in getattr(args, "plugin_paths", []) if p not in plugins]
+        if plugins:
+            run_config["plugins"] = plugins
     else:
+        _check_run_name(args.name)
+        _check_output_folder(Path(args.out), "--out")
         base = read_toml(args.config) if args.config else {}
         if args.data and not Path(args.data).exists():
             raise FileNotFoundError(f"--data: {args.data} does not exist")
-        model_cfg, train_cfg = build_configs(args, base)
-        run_config = new_run_config(model_cfg, train_cfg, str(Path(args.data).resolve()) if args.data else None)
+        model_cfg, train_cfg = build_configs(args, base, where=f"--config {args.config}" if args.config else "settings")
+        run_config = new_run_config(model_cfg, train_cfg, str(Path(args.data).resolve()) if args.data else None,
+                                    plugins=getattr(args, "plugin_paths", None))
+    # Everything is checked before anything is written: the model builds (on the meta device: no memory, no
+    # random numbers drawn) and the data gives a corpus (built in the cache folder, not in the run).
+    _check_model_builds(model_cfg)
+    _load_data(run_data_path(run_config))
     # The trainer runs on the CPU, hence gloo (NCCL needs CUDA tensors).
-    layout = ParallelLayout.initialise(train_cfg.expert_parallel, model_cfg.moe.num_experts, train_cfg.batch_size,
-                                       backend="gloo")
+    layout = ParallelLayout.initialise(train_cfg.expert_parallel, _layout_experts(model_cfg, train_cfg.expert_parallel),
+                                       train_cfg.batch_size, backend="gloo")
+    created = None  # the run folder this command made: removed again when it ends without a checkpoint
     try:
         if not args.resume:
             run_dir = Path(args.out) / (args.name or time.strftime("run-%Y%m%d-%H%M%S",
                                                                    time.localtime(_shared_time(layout))))
-            if run_dir.exists():
+            if run_dir.exists() or run_dir.is_symlink():
                 raise ValueError(f"run folder {run_dir} already exists; choose another --name or --resume it")
             _barrier(layout)
             if layout.is_main:
                 run_dir.mkdir(parents=True)
+                created = run_dir
+        elif layout.is_main:  # temporaries of writes that were killed earlier
+            for folder in (run_dir, run_dir / "checkpoints"):
+                remove_stale_temporaries(folder)
         if layout.is_main and not args.resume:  # a resumed run's config is rewritten once it has resumed
             atomic_write_json(run_dir / "config.json", run_config)
         _barrier(layout)
@@ -69,15 +90,21 @@ def cmd_train(args) -> int:
             run_training(run_dir, run_config, resume=bool(args.resume), log=_err, progress=not args.no_progress,
                          layout=layout)
         except NonFiniteLoss as exc:
+            created = None  # a diverged run is a result: its metrics show how it diverged
             _err(f"moekit train: {exc}")
             return 1
-        except KeyboardInterrupt:
-            if layout.world_size > 1:
+        except KeyboardInterrupt as exc:
+            what = exc.describe() if hasattr(exc, "describe") else "the last checkpoint is kept"
+            if getattr(exc, "kept_step", 0) is None:  # nothing to resume from
+                _err(f"moekit train: interrupted before the first checkpoint; {what}; "
+                     + (f"{run_dir} is removed; start again" if created is not None else
+                        f"remove {run_dir} and start again"))
+            elif layout.world_size > 1:
                 _err(f"moekit train: interrupted; the last checkpoint is kept; continue with: "
                      f"torchrun --nproc-per-node {layout.world_size} -m moekit train --resume {run_dir} "
                      f"--expert-parallel {layout.ep_size}")
             else:
-                _err(f"moekit train: interrupted; checkpoint saved; continue with: moekit train --resume {run_dir}")
+                _err(f"moekit train: interrupted; {what}; continue with: moekit train --resume {run_dir}")
             return 130
         if layout.is_main:
             _err(f"run folder: {run_dir}")
@@ -86,11 +113,65 @@ def cmd_train(args) -> int:
         _barrier(layout)
         return 0
     finally:
+        if created is not None and not (created / "latest.json").exists():
+            # Bad input found late, or Ctrl-C before the first checkpoint: nothing to resume from, so leave
+            # no folder behind that would block the corrected command.
+            shutil.rmtree(created, ignore_errors=True)
         if layout.world_size > 1:
             import torch.distributed as dist
 
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def _check_run_name(name: str | None) -> None:
+    """``--name`` is one plain folder name inside ``--out``: no separators, no ``..``, not absolute."""
+    if name is None:
+        return
+    bad = (not name or name in (".", "..") or "/" in name or "\0" in name or os.sep in name
+           or (os.altsep is not None and os.altsep in name) or Path(name).is_absolute() or name.strip() != name)
+    if bad:
+        raise ValueError(f"--name must be a single folder name inside --out (no '/', '..', absolute path or "
+                         f"surrounding spaces), got {name!r}")
+
+
+def _check_model_builds(model_cfg) -> None:
+    """Construct the model on the meta device, so that a setting only its modules check fails now."""
+    import warnings
+
+    import torch
+
+    from .model import MoELM
+
+    try:
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            MoELM(model_cfg)
+    except TypeError as exc:
+        raise ValueError(f"the model cannot be built from these settings ({exc})") from None
+
+
+def _load_data(path: str | None):
+    """The corpus of ``--data`` (or the embedded one); ``ValueError`` naming the path when it is unusable."""
+    from .data import load_corpus
+
+    try:
+        return load_corpus(path)
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise ValueError(f"--data: {exc}") from None
+
+
+def _layout_experts(model_cfg, ep_size) -> int:
+    """The expert count the parallel layout is checked against. Every MoE layer's experts are sharded over the
+    ``ep_size`` ranks, so with per-layer counts (``moe_overrides``) each must be divisible: ``ValueError`` naming
+    the first layer that is not (the same check on every rank, before any collective)."""
+    counts = {i: m.num_experts for i, m in model_cfg.layer_moes.items()}
+    if isinstance(ep_size, int) and not isinstance(ep_size, bool) and ep_size > 1:
+        for i, n in counts.items():
+            if n % ep_size:
+                raise ValueError(f"expert_parallel={ep_size} does not divide num_experts={n} of layer {i}; "
+                                 f"experts per MoE layer: {list(counts.values())}")
+    return min(counts.values(), default=model_cfg.moe.num_experts)
 
 
 def _barrier(layout) -> None:
@@ -128,16 +209,23 @@ def cmd_eval(args) -> int:
     from .data import load_corpus, unigram_baseline
     from .train import evaluate, load_run
 
-    model, cfg = load_run(Path(args.run))
-    data = args.data if args.data else cfg.get("data", {}).get("path")
-    if args.data and not Path(args.data).exists():
-        raise FileNotFoundError(f"--data: {args.data} does not exist")
-    corpus = load_corpus(data)
-    train = cfg["train"]
+    from .train.config import run_data_path
+
     if args.max_windows is not None and args.max_windows < 1:
         raise ValueError("--max-windows must be >= 1")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.data and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data: {args.data} does not exist")
+    model, cfg = load_run(Path(args.run))
+    data = args.data if args.data else run_data_path(cfg)
+    corpus = _load_data(data)
+    train = cfg["train"]
     result = evaluate(model, corpus, train["seq_len"], args.batch_size or train["batch_size"], args.max_windows,
                       progress=not args.json)
+    if not math.isfinite(result["bits_per_byte"]):
+        raise ValueError(f"{args.run}: the validation loss is not finite ({result['bits_per_byte']}); the model "
+                         "produces NaN or infinite logits")
     result["unigram_bits_per_byte"] = unigram_baseline(corpus)["bits_per_byte"]
     if args.json:
         print(json.dumps(result))
@@ -165,6 +253,10 @@ def add_generate(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
 
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MIN_TOP_P = 1e-6
+
+
 def cmd_generate(args) -> int:
     import torch
 
@@ -174,10 +266,13 @@ def cmd_generate(args) -> int:
 
     if args.max_new_tokens < 0:
         raise ValueError("--max-new-tokens must be >= 0")
-    if args.temperature < 0:
-        raise ValueError("--temperature must be >= 0 (0 means greedy)")
-    if not 0 < args.top_p <= 1:
-        raise ValueError("--top-p must be in (0, 1]")
+    # Dividing logits by a temperature below MIN_TEMPERATURE overflows float32 (inf - inf = NaN); such a
+    # temperature is greedy decoding in all but name. The same bound keeps --top-p away from denormals.
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= MAX_TEMPERATURE):
+        raise ValueError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], "
+                         f"got {args.temperature}")
+    if not MIN_TOP_P <= args.top_p <= 1:
+        raise ValueError(f"--top-p must be in [{MIN_TOP_P}, 1], got {args.top_p}")
     model, _ = load_run(Path(args.run))
     tok = ByteTokenizer()
     prompt = [BOS_ID] + tok.encode(args.prompt)
@@ -244,21 +339,27 @@ def make_trace(run_dir: Path, data: str | None, split: str, max_windows: int, lo
     from .trace import trace_model
     from .train import load_run
 
-    model, cfg = load_run(run_dir)
-    if data and not Path(data).exists():
-        raise FileNotFoundError(f"--data: {data} does not exist")
-    corpus = load_corpus(data if data else cfg.get("data", {}).get("path"))
+    from .train.config import run_data_path
+
     if max_windows < 1:
         raise ValueError("--max-windows must be >= 1")
+    if data and not Path(data).exists():
+        raise FileNotFoundError(f"--data: {data} does not exist")
+    model, cfg = load_run(run_dir)
+    corpus = _load_data(data if data else run_data_path(cfg))
     seq_len, batch_size = cfg["train"]["seq_len"], cfg["train"]["batch_size"]
     batches = list(trace_batches(corpus, split, seq_len, batch_size, max_windows))
     if not batches:
         raise ValueError(f"the {split} split is shorter than one window of {seq_len} tokens")
-    m = cfg["model"]
-    info = {"dim": m["dim"], "n_layers": m["n_layers"], "router": m["moe"]["router"],
-            "num_experts": m["moe"]["num_experts"], "top_k": m["moe"]["top_k"], "run": str(run_dir)}
+    m = model.config
+    moes = list(m.layer_moes.values()) or [m.moe]
+    info = {"dim": m.dim, "n_layers": m.n_layers, "router": m.moe.router,
+            "num_experts": max(x.num_experts for x in moes), "top_k": max(x.top_k for x in moes), "run": str(run_dir)}
+    if m.moe_overrides:  # per-layer settings: the trace header's num_experts_per_layer holds the counts
+        info["top_k_per_layer"] = [x.top_k for x in moes]
+        info["hidden_dim_per_layer"] = [x.hidden_dim for x in moes]
     return trace_model(model, batches, domain_names=corpus.domains, keep_logits=logits, model_info=info,
-                       source={"data": data or cfg.get("data", {}).get("path") or "stdlib", "split": split})
+                       source={"data": data or run_data_path(cfg) or "stdlib", "split": split})
 
 
 def cmd_trace(args) -> int:
@@ -266,9 +367,10 @@ def cmd_trace(args) -> int:
     from .trace import save_trace
 
     run_dir = Path(args.run)
+    out = Path(args.out) if args.out else run_dir / TRACE_FILE
+    _check_output_file(out, "--out" if args.out else "trace file")
     t0 = time.perf_counter()
     trace = make_trace(run_dir, args.data, args.split, args.max_windows, args.logits)
-    out = Path(args.out) if args.out else run_dir / TRACE_FILE
     save_trace(trace, out)
     _err(f"traced {trace.num_tokens:,} tokens x {trace.num_layers} MoE layers in {time.perf_counter() - t0:.1f}s "
          f"-> {out}")
@@ -286,6 +388,32 @@ def add_report(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+# The bootstrap keeps a few numbers per resample and group: a million stays in the tens of megabytes.
+MIN_RESAMPLES, MAX_RESAMPLES = 10, 1_000_000
+
+
+def _check_output_file(path: Path, what: str) -> None:
+    """A file can be written at ``path``: not an existing folder, no file where its folder should be."""
+    if path.is_dir():
+        raise ValueError(f"{what}: {path} is a folder, not a file")
+    _check_parent(path, what)
+
+
+def _check_output_folder(path: Path, what: str) -> None:
+    """A folder can be made or filled at ``path``: not an existing file, no file where a parent should be."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{what}: {path} exists and is not a folder")
+    _check_parent(path, what)
+
+
+def _check_parent(path: Path, what: str) -> None:
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{what}: {parent} is a file, not a folder, so {path} cannot be written")
+            return
+
+
 def cmd_report(args) -> int:
     from .report import TRACE_FILE, analyse, build_report, report_inputs, summary_text
     from .trace import load_trace, save_trace
@@ -293,10 +421,21 @@ def cmd_report(args) -> int:
     path = Path(args.path)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist")
+    if not MIN_RESAMPLES <= args.resamples <= MAX_RESAMPLES:
+        raise ValueError(f"--resamples must be in [{MIN_RESAMPLES}, {MAX_RESAMPLES:,}], got {args.resamples}")
+    if args.groups:
+        parts = [g.strip() for g in args.groups.split(",")]
+        if len(parts) != 2 or not all(parts):
+            raise ValueError("--groups takes two domain names separated by a comma, e.g. json,email")
+    if args.compare_trace and not Path(args.compare_trace).is_file():
+        raise ValueError(f"--compare-trace: {args.compare_trace} is not a file")
+    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "report"
+    _check_output_folder(out, "--out" if args.out else "report folder")
     t0 = time.perf_counter()
     if path.is_dir() and not (path / TRACE_FILE).is_file() and (path / "model.safetensors").is_file():
-        _err(f"no trace in {path}: tracing the validation split first")
-        save_trace(make_trace(path, None, "val", 64, False), path / TRACE_FILE)
+        trace = make_trace(path, None, "val", 64, False)  # checks the run before saying anything
+        _err(f"no trace in {path}: traced the validation split first")
+        save_trace(trace, path / TRACE_FILE)
     trace, metrics = report_inputs(path)
     groups = None
     if args.compare_trace:
@@ -306,9 +445,6 @@ def cmd_report(args) -> int:
         if len(parts) != 2 or not all(parts):
             raise ValueError("--groups takes two domain names separated by a comma, e.g. json,email")
         groups = tuple(parts)
-    if args.resamples < 10:
-        raise ValueError("--resamples must be >= 10")
-    out = Path(args.out) if args.out else (path if path.is_dir() else path.parent) / "report"
     an = analyse(trace, metrics, groups, num_resamples=args.resamples)
     index = build_report(out, analysis=an)
     print(summary_text(analysis=an))

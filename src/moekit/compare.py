@@ -13,6 +13,7 @@ import math
 import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,42 @@ METHODS: dict[str, tuple[str, dict]] = {
     "mixer": ("MixER K-means + least-squares gate", {"router": "mixer", "aux_loss": None}),
     "moduleformer": ("ModuleFormer mutual-information loss", {"router": "moduleformer", "aux_loss": None}),
 }
+
+
+
+def register_method(name: str, description: str | None = None, *, replace: bool = False, **moe_settings) -> None:
+    """Add a method to ``moekit compare``: ``name`` trains the compared model with these :class:`moekit.MoEConfig`
+    settings (``router=...``, ``aux_loss=...``, ``router_options={...}``, ...) over the preset's.
+
+    Call it from your own code or from a plugin file (``moekit compare --plugin FILE.py --methods NAME``)::
+
+        moekit.compare.register_method("my-router", "my router, no aux loss", router="my_router", aux_loss=None)
+
+    ``ValueError`` when ``name`` is taken (unless ``replace``), or a setting is not a MoEConfig field. The
+    router name is checked when the comparison runs, so a plugin may register its router after the method.
+    """
+    from dataclasses import fields
+
+    from .config import MoEConfig
+
+    if not isinstance(name, str) or not name or "," in name:
+        raise ValueError(f"compare method name must be a non-empty string without commas, got {name!r}")
+    if name in METHODS and not replace:
+        raise ValueError(f"compare method {name!r} is already registered; pass replace=True to redefine it")
+    allowed = {f.name for f in fields(MoEConfig)} - {"dim"}
+    unknown = sorted(set(moe_settings) - allowed)
+    if unknown:
+        raise ValueError(f"compare method {name!r}: unknown MoE setting(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(allowed))}")
+    router = moe_settings.get("router", "topk")
+    METHODS[name] = (description or f"{router} ({', '.join(f'{k}={v!r}' for k, v in moe_settings.items())})",
+                     dict(moe_settings))
+
+
+def unregister_method(name: str) -> None:
+    """Remove a method added with :func:`register_method` (``KeyError`` when there is none)."""
+    del METHODS[name]
+
 
 # --quick: every method in about 15 minutes on 2 cores (about 40 s a method at topk's speed)
 QUICK_TRAIN = {"steps": 800, "batch_size": 8, "seq_len": 128, "warmup_steps": 50, "final_eval_windows": 200,
@@ -99,7 +136,7 @@ def _probe(model, probe_ids) -> tuple[list[torch.Tensor], list[float]]:
 
 
 def run_method(name: str, out_dir: Path, corpus, model_over: dict, moe_over: dict, train_over: dict,
-               probe_ids: torch.Tensor, progress: bool) -> dict:
+               probe_ids: torch.Tensor, progress: bool, plugins: list[str] | None = None) -> dict:
     from .model.config import ModelConfig
     from .train.config import TrainConfig, moe_settings
     from .train.loop import Trainer, evaluate, new_run_config, routing_is_causal
@@ -110,7 +147,7 @@ def run_method(name: str, out_dir: Path, corpus, model_over: dict, moe_over: dic
     train_cfg = TrainConfig(**train_over)
     run_dir = out_dir / name
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_config = new_run_config(model_cfg, train_cfg, None)
+    run_config = new_run_config(model_cfg, train_cfg, None, plugins=plugins)
     atomic_write_json(run_dir / "config.json", run_config)
     trainer = Trainer(run_dir, run_config, corpus, progress=progress)
     probe_at = train_cfg.steps - train_cfg.checkpoint_every
@@ -182,7 +219,8 @@ def plot(rows: list[dict], out_dir: Path) -> list[Path]:
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--methods", default=None, help="comma-separated (default: all available): " + ", ".join(METHODS))
+    p.add_argument("--methods", default=None, help="comma-separated (default: all available): " + ", ".join(METHODS)
+                   + " (add your own with moekit.compare.register_method in a --plugin file)")
     p.add_argument("--quick", action="store_true", help="a small model and short runs: every method in ~15 min")
     p.add_argument("--steps", type=int, default=None, help="override the number of training steps")
     p.add_argument("--out", default=None, help="output folder (default runs/compare-<time>)")
@@ -194,7 +232,11 @@ def main_from_args(args) -> int:
     from .data import load_corpus
     from .data.batches import val_batches
 
-    methods = available_methods() if args.methods is None else [m for m in args.methods.split(",") if m]
+    methods = available_methods() if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not methods:
+        raise ValueError(f"--methods must name at least one method; allowed: {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise ValueError("--methods names a method twice")
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"--methods: unknown method {m!r}; allowed: {', '.join(METHODS)}")
@@ -211,21 +253,37 @@ def main_from_args(args) -> int:
             raise ValueError("--steps must be >= 4")
         train_over["steps"] = args.steps
         train_over["checkpoint_every"] = max(2, args.steps // 2)
+    # Every setting is checked before anything is written or trained.
+    from .model.config import ModelConfig
+    from .train.config import TrainConfig, check_model_for_training, moe_settings
+
+    train_cfg = TrainConfig(**train_over)
+    for name in methods:
+        model_cfg = ModelConfig(**model_over, moe=moe_settings(model_over, {**moe_over, **METHODS[name][1]}))
+        check_model_for_training(model_cfg, train_cfg, f"method {name}")
     out_dir = Path(args.out or time.strftime("runs/compare-%Y%m%d-%H%M%S"))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out: {out_dir} exists and is not a folder")
+    taken = [n for n in [*methods, "compare.md", "compare.json"] if (out_dir / n).exists()]
+    if taken:  # never overwrite another comparison's results
+        raise ValueError(f"--out: {out_dir} already holds {', '.join(taken[:3])}; choose another --out")
     corpus = load_corpus(None)
+    out_dir.mkdir(parents=True, exist_ok=True)
     seq_len = train_over.get("seq_len", 256)
     probe = next(val_batches(corpus, 8, seq_len, max_windows=8))
     # An untimed warm-up run first: the first model trained in a process pays for fresh memory (page faults)
     # that later ones reuse, which would otherwise make the first method look slower.
     warm = {**train_over, "steps": 30, "checkpoint_every": 15, "final_eval_windows": 2}
-    run_method(methods[0], out_dir / ".warmup", corpus, model_over, moe_over, warm, probe.input_ids, False)
-    shutil.rmtree(out_dir / ".warmup", ignore_errors=True)
+    warm_dir = Path(tempfile.mkdtemp(prefix=".warmup-", dir=out_dir))  # a new folder: removing it is safe
+    try:
+        run_method(methods[0], warm_dir, corpus, model_over, moe_over, warm, probe.input_ids, False)
+    finally:
+        shutil.rmtree(warm_dir, ignore_errors=True)
     rows = []
     for name in methods:
         t0 = time.perf_counter()
         row = run_method(name, out_dir, corpus, model_over, moe_over, train_over, probe.input_ids,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, plugins=getattr(args, "plugin_paths", None))
         row["wall_s"] = time.perf_counter() - t0
         rows.append(row)
         print(f"{name:22s} val {row['val_bits_per_byte']:.3f} bits/byte, MaxVio {row['max_vio_mean']:.3f}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -22,17 +23,61 @@ def _umask() -> int:
     return mask
 
 
+# Temporary names carry the writer's process id, so that a later command can tell the leftovers of a killed
+# write (their process is gone) from a write still in progress: ``.<name>.moekit-<pid>-<random>.tmp``.
+_TEMP_RE = re.compile(r"^\..+\.moekit-(\d+)-[A-Za-z0-9_]+\.tmp$")
+
+
 def temp_sibling(path: str | os.PathLike) -> Path:
     """A new empty temporary file beside ``path`` with ordinary permissions (0666 less the umask), to be
     renamed onto ``path`` once written."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.moekit-{os.getpid()}-", suffix=".tmp", dir=path.parent)
     os.close(fd)
     os.chmod(name, 0o666 & ~_umask())
     return Path(name)
 
 
 _tmp_path = temp_sibling
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # someone else's process, or unknowable: keep its file
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files that killed writes of moekit left in ``folder`` (not recursive): only names
+    made by :func:`temp_sibling` whose writing process no longer exists. Returns what was removed."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_RE.match(entry.name)
+        if not match or not entry.is_file(follow_symlinks=False) or _process_alive(int(match.group(1))):
+            continue
+        try:
+            os.unlink(entry.path)
+            removed.append(Path(entry.path))
+        except OSError:
+            pass
+    return removed
+
+
+def os_error_text(exc: OSError) -> str:
+    """One line for an ``OSError``: what went wrong and the path(s) involved."""
+    what = exc.strerror or exc.__class__.__name__
+    paths = [p for p in (exc.filename, exc.filename2) if p is not None]
+    return f"{what}: {' -> '.join(str(os.fsdecode(p)) for p in paths)}" if paths else str(exc) or what
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

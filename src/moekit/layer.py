@@ -25,7 +25,8 @@ from .routing.base import Routing, RoutingContext
 
 @dataclass
 class LoadStats:
-    """Load statistics of one forward call: assignments per expert before dropping, after dropping."""
+    """Load statistics of one forward call: assignments per expert before dropping, after dropping; pairs of
+    masked tokens (``RoutingContext.token_mask``) are not counted."""
 
     routed_E: torch.Tensor
     kept_E: torch.Tensor
@@ -144,16 +145,20 @@ class MoE(nn.Module):
             if self.gate.learned and not self.gate.has_balancing() and torch.is_grad_enabled():
                 warnings.warn("moekit.MoE: training with every load-balancing method off (aux_loss=None, "
                               "bias_update=None); experts may collapse", stacklevel=5)
-        return self.gate(x_TD, ctx)
+        routing_out = self.gate(x_TD, ctx)
+        if routing_out.token_mask is None and ctx.token_mask is not None:  # routers that do not set it
+            routing_out.token_mask = ctx.flat_mask(x_TD.shape[0], x_TD.device)
+        return routing_out
 
     def capacity_factor(self) -> float | None:
         """The capacity factor in force: ``capacity_factor`` in training, ``eval_capacity_factor`` otherwise."""
         return self.config.capacity_factor if self.training else self.config.eval_capacity_factor
 
     def make_plan(self, routing_out: Routing) -> DispatchPlan:
-        """Stage 2: pairs sorted by expert, capacity applied."""
+        """Stage 2: pairs sorted by expert, capacity applied. Pairs of masked tokens (``ctx.token_mask``) are left
+        out: padding takes no capacity, its routed output is zero, and the load statistics count real tokens."""
         cfg = self.config
-        return make_plan(routing_out, self.capacity_factor(), cfg.drop_policy, cfg.pad_to_capacity)
+        return make_plan(routing_out.real_pairs(), self.capacity_factor(), cfg.drop_policy, cfg.pad_to_capacity)
 
     def run_experts(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         """Stage 3: the plan hooks, then (unless one answered) the dispatcher around the experts."""

@@ -82,7 +82,12 @@ class TrainBatches:
         return {"seed": self.seed, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or "seed" not in state or "step" not in state:
+            raise ValueError("batch state must be an object with 'seed' and 'step'")
         seed, step = state["seed"], state["step"]
+        for name, value in (("seed", seed), ("step", step)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"batch state: {name} must be an integer, got {value!r}")
         if int(seed) != self.seed:
             raise ValueError(f"batch state was saved with seed={seed}, this sampler has seed={self.seed}")
         if int(step) < 0:

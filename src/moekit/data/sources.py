@@ -15,8 +15,8 @@ Standard library (``stdlib_documents``), located at run time with ``sysconfig.ge
   one plain-text document per topic, domain ``pydoc``, path ``pydoc_data/topics.py#<topic>`` -- one document per
   topic so the documentation lands in both splits.
 
-User text (``text_documents``): a file, or every file under a folder (recursively, sorted, hidden files and
-folders skipped); files that contain NUL bytes or are not valid UTF-8 are skipped as binary. Domain: the
+User text (``text_documents``): a file, or every regular file under a folder (recursively, sorted, hidden
+files and folders skipped, and FIFOs, sockets and devices too); files that contain NUL bytes or are not valid UTF-8 are skipped as binary. Domain: the
 top-level subfolder for files inside one, the file stem for files directly in the folder (or a single file).
 """
 from __future__ import annotations
@@ -107,7 +107,8 @@ def _user_files(root: Path) -> list[Path]:
     files = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        files += [Path(dirpath) / n for n in filenames if not n.startswith(".")]
+        # Regular files only: reading a FIFO, socket or device found in the folder would block or never end.
+        files += [Path(dirpath) / n for n in filenames if not n.startswith(".") and os.path.isfile(Path(dirpath) / n)]
     return sorted(files)
 
 

@@ -118,11 +118,68 @@ class GroupedExperts(Experts, ExpertProducts):
     """
 
     act_spec: ActivationSpec
+    #: ``"auto"`` (the default), ``"on"`` or ``"off"``: see :meth:`uses_small_batch_path`.
+    small_batch: str = "auto"
+    #: ``"auto"`` takes the small-batch path when ``rows * small_batch_rows_divisor <= num_experts``
+    small_batch_rows_divisor: int = 4
+    #: which path the last forward took: ``"grouped"`` or ``"small-batch"``
+    last_path: str | None = None
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        if self.uses_small_batch_path(x_TD, plan):
+            self.last_path = "small-batch"
+            return self.small_batch_forward(x_TD, plan)
+        self.last_path = "grouped"
         w_up, w_down = self.fused_weights()
         return fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, w_up, w_down,
                              self.act_spec, products=self)
+
+    def _default_products(self) -> bool:
+        cls = type(self)
+        return all(getattr(cls, name) is getattr(ExpertProducts, name)
+                   for name in ("up_product", "down_product", "fused_weights"))
+
+    def uses_small_batch_path(self, x_TD: torch.Tensor, plan: DispatchPlan) -> bool:
+        """Whether :meth:`forward` runs :meth:`small_batch_forward` for this plan.
+
+        ``small_batch="off"`` never, ``"on"`` whenever the experts use the default products on stacked weights;
+        ``"auto"`` also needs inference (no autograd graph), the CPU, and few rows (at most one per
+        ``small_batch_rows_divisor`` experts, so most experts are idle): then a loop over the used experts'
+        weight views skips the idle experts the grouped product visits. On CUDA the grouped kernel is kept
+        (one launch, no host synchronisation).
+        """
+        mode = self.small_batch
+        if mode == "off" or not self._default_products():
+            return False
+        if mode == "on":
+            return True
+        if torch.is_grad_enabled() or x_TD.device.type != "cpu":
+            return False
+        # rows <= E / 4: at most a quarter of the experts can have rows
+        return plan.token_S.shape[0] * self.small_batch_rows_divisor <= self.num_experts
+
+    def small_batch_forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """The layer's call as a loop over the experts that have rows: two matrix products per used expert on
+        views of the stacked weights (no copy of any weight, nothing done for unused experts). The same
+        numbers as the grouped path up to summation order; differentiable through ordinary autograd."""
+        w_up_EHD, w_down_EDF = self.w_up, self.w_down
+        if self.transposed:
+            w_up_EHD, w_down_EDF = w_up_EHD.transpose(1, 2), w_down_EDF.transpose(1, 2)
+        token_S = plan.token_S
+        x_SD = x_TD.index_select(0, token_S)
+        w_S1 = plan.weight_S.to(x_TD.dtype).unsqueeze(-1)
+        pieces = []
+        start = 0
+        for e, n in enumerate(plan.counts_E.tolist()):
+            if n:
+                stop = start + n
+                a_SF = self.act_spec.fn(x_SD[start:stop] @ w_up_EHD[e].t()) * w_S1[start:stop]
+                pieces.append(a_SF @ w_down_EDF[e].t())
+                start = stop
+        if not pieces:
+            return torch.zeros_like(x_TD)
+        y_SD = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return torch.zeros_like(x_TD).index_add_(0, token_S, y_SD.to(x_TD.dtype))
 
     def expert_rows(self, x_SD: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         return expert_rows(x_SD, counts_E, self.act_spec, self)

@@ -6,15 +6,21 @@ of transformers 5's fused experts, ``experts.gate_up_proj [E, 2F, D]``, ``expert
 ``transformers.AutoModelForCausalLM.from_pretrained(out)`` loads it with no custom code and gives moekit's
 logits to float32 rounding.
 
-The export is atomic: everything is written into ``OUT.tmp`` and renamed onto ``OUT`` at the end; an existing
-non-empty ``OUT`` is refused unless ``force``. Models whose routing Qwen3-MoE cannot express (another router,
-sigmoid scores, shared experts, capacity, bias balancing, ...) raise ``ValueError`` listing every reason.
+The export is atomic: everything is written into a new temporary folder beside ``OUT`` (a unique name from
+``tempfile.mkdtemp``, so no folder of the user's is ever touched) and renamed onto ``OUT`` at the end; an
+existing non-empty ``OUT`` is refused unless ``force``, and ``OUT`` may never be the run folder, lie inside it
+or contain it. Models whose routing Qwen3-MoE cannot express (another router,
+sigmoid scores, shared experts, capacity, bias balancing, ...) raise ``ValueError`` listing every reason, as do
+models whose MoE layers differ in expert count, top-k, expert width or ``norm_topk`` (``ModelConfig.moe_overrides``:
+Qwen3-MoE has one value of each for all MoE layers); the message names the layers and their values. MoE layers
+that agree are exported with their common values, even where they differ from ``ModelConfig.moe``.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,37 +34,57 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir():
+    if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     else:
         path.unlink()
 
 
-def _prepare_out(out: Path, force: bool) -> Path:
-    """Check ``out`` may be written and return a fresh empty ``out.tmp`` folder beside it."""
-    empty_dir = out.is_dir() and not any(out.iterdir())
-    if out.exists() and not empty_dir and not force:
+def _check_out(out: Path, force: bool) -> None:
+    """``out`` may be written: a missing path or an empty folder, or anything but a folder's ancestor under
+    ``force``; its parent must be a folder (or creatable)."""
+    empty_dir = out.is_dir() and not out.is_symlink() and not any(out.iterdir())
+    if (out.exists() or out.is_symlink()) and not empty_dir and not force:
         raise ValueError(f"{out} already exists and is not empty; pass --force to overwrite it")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():  # left over by an interrupted export
-        _remove(tmp)
-    tmp.mkdir(parents=True)
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{parent} is a file, not a folder, so {out} cannot be written")
+            break
+
+
+def _prepare_out(out: Path, force: bool) -> Path:
+    """Check ``out`` may be written and return a new empty temporary folder beside it (a unique name)."""
+    _check_out(out, force)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.absolute().parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; OUT gets ordinary permissions
     return tmp
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` folder onto ``out`` (replacing an empty folder, or any ``out`` under --force)."""
-    if out.is_dir() and not any(out.iterdir()):
+    """Rename the finished ``tmp`` folder onto ``out`` (replacing an empty folder, or any ``out`` under --force).
+    Under --force the old ``out`` is first moved to another unique name beside it, then removed."""
+    if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
         out.rmdir()
-    if out.exists():  # --force: swap, then remove the old copy
-        old = out.with_name(out.name + ".old")
-        if old.exists():
-            _remove(old)
-        os.replace(out, old)
+    if out.exists() or out.is_symlink():  # --force: swap, then remove the old copy
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.absolute().parent))
+        old_out = old / out.name
+        os.replace(out, old_out)
         os.replace(tmp, out)
-        _remove(old)
+        _remove(old_out)
+        old.rmdir()
     else:
         os.replace(tmp, out)
+
+
+def _check_apart(run_dir: Path, out: Path) -> None:
+    """Refuse an ``out`` that is the run folder, lies inside it or contains it (--force would delete the run)."""
+    run, target = run_dir.resolve(), out.resolve()
+    if target == run or target.is_relative_to(run) or run.is_relative_to(target):
+        raise ValueError(f"OUT {out} must lie outside the run folder {run_dir} (and not contain it)")
 
 
 def export_model_hf(model: torch.nn.Module, out: str | os.PathLike, force: bool = False) -> Path:
@@ -75,6 +101,7 @@ def export_model_hf(model: torch.nn.Module, out: str | os.PathLike, force: bool 
     config = qwen3_moe_config_dict(model.config)
     dtype = next(model.parameters()).dtype
     state = to_hf_state_dict(model)
+    _check_out(out, force)  # before the weights are converted
     tmp = _prepare_out(out, force)
     try:
         try:
@@ -98,5 +125,6 @@ def export_hf(run_dir: str | os.PathLike, out: str | os.PathLike, force: bool = 
     """Export the latest weights of the moekit run folder ``run_dir`` to ``out`` (see :func:`export_model_hf`)."""
     from ..train import load_run
 
+    _check_apart(Path(run_dir), Path(out))
     model, _ = load_run(Path(run_dir))
     return export_model_hf(model, out, force=force)

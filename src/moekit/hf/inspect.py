@@ -140,15 +140,26 @@ def read_safetensors_header(path: str | Path) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            shape = tuple(int(s) for s in entry["shape"])
-            dtype = str(entry["dtype"])
-            end = int(entry["data_offsets"][1])
-        except (KeyError, TypeError, ValueError, IndexError):
+            shape, dtype, offsets = entry["shape"], entry["dtype"], entry["data_offsets"]
+            begin, end = offsets
+            ok = (isinstance(shape, list) and all(_is_count(d) for d in shape) and isinstance(dtype, str)
+                  and _is_count(begin) and _is_count(end) and begin <= end)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
             raise ValueError(f"{path} has an unreadable safetensors header (bad entry for {name!r})") from None
         if end > size - 8 - n:
             raise ValueError(f"{path} is truncated (tensor {name!r} ends past the end of the file)")
-        out[name] = TensorInfo(dtype, shape, path.name)
+        info = TensorInfo(dtype, tuple(shape), path.name)
+        if dtype in DTYPE_BYTES and info.nbytes != end - begin:  # a header may not claim more (or less) data than the file holds
+            raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} ({dtype}) needs {info.nbytes} bytes, "
+                             f"its data_offsets span {end - begin}")
+        out[name] = info
     return out
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _weight_files(folder: Path) -> list[str]:
@@ -156,9 +167,15 @@ def _weight_files(folder: Path) -> list[str]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            files = sorted(set(weight_map.values()))
+            values = list(weight_map.values())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise ValueError(f"{index} is not a valid safetensors index (no weight_map)") from None
+        bad = [v for v in values if not isinstance(v, str) or not v or Path(v).name != v or v in (".", "..")]
+        if bad:  # shard names are plain file names of this folder: nothing outside it is read
+            raise ValueError(f"{index}: weight_map values must be file names inside {folder}, got {bad[0]!r}")
+        files = sorted(set(values))
+        if not files:
+            raise ValueError(f"{index}: weight_map is empty")
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise ValueError(f"sharded checkpoint {folder} is missing {len(missing)} of {len(files)} shards: "
@@ -185,10 +202,11 @@ def _read_config(folder: Path) -> dict:
     return cfg
 
 
-def _first_int(cfg: dict, keys) -> int | None:
+def _first_int(cfg: dict, keys, low: int = 0) -> int | None:
+    """The first of ``keys`` that holds an integer >= ``low`` (other values are not counts: ignored)."""
     for k in keys:
         v = cfg.get(k)
-        if isinstance(v, int) and not isinstance(v, bool):
+        if isinstance(v, int) and not isinstance(v, bool) and v >= low:
             return v
     return None
 
@@ -211,7 +229,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         tensors.update(read_safetensors_header(folder / f))
     if not tensors:
         raise ValueError(f"{folder} holds no tensors")
-    architecture = (cfg.get("architectures") or [None])[0] or cfg.get("model_type") or "unknown"
+    archs = cfg.get("architectures")
+    if isinstance(archs, str):
+        archs = [archs]
+    if archs is not None and not (isinstance(archs, list) and all(isinstance(a, str) for a in archs)):
+        raise ValueError(f"{folder / 'config.json'}: 'architectures' must be a list of class names, got {archs!r}")
+    model_type = cfg.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        raise ValueError(f"{folder / 'config.json'}: 'model_type' must be a string, got {model_type!r}")
+    architecture = (archs or [None])[0] or model_type or "unknown"
 
     # Routed experts per block: per-expert ids seen, and the tensors that belong to experts.
     expert_tensors: dict[str, list[tuple[str, TensorInfo]]] = {}
@@ -225,13 +251,15 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             continue
         m = _FUSED.match(name)
         if m and len(t.shape) >= 2:
+            if t.shape[0] < 1:
+                raise ValueError(f"{folder}: expert tensor {name!r} has shape {t.shape}: no experts on its first axis")
             expert_tensors.setdefault(m["block"], []).append((name, t))
             fused_E[m["block"]] = max(fused_E.get(m["block"], 0), t.shape[0])
     if not expert_tensors:
         raise ValueError(f"{folder} is a dense model ({architecture}): no routed expert tensors "
                          "(*.experts.*) found, so there is nothing MoE to inspect")
 
-    top_k = _first_int(cfg, TOP_K_KEYS)
+    top_k = _first_int(cfg, TOP_K_KEYS, low=1)
     n_shared_cfg = _first_int(cfg, SHARED_KEYS)
     layer_totals: dict[int, list[int]] = {}
     for name, t in tensors.items():
@@ -267,9 +295,9 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
         dtypes[t.dtype] = dtypes.get(t.dtype, 0) + t.numel
     has_shared = any(L.shared_params for L in moe_layers)
     num_shared = (n_shared_cfg if n_shared_cfg is not None else 1) if has_shared else 0
-    layers = _first_int(cfg, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"))
+    layers = _first_int(cfg, ("num_hidden_layers", "n_layer", "num_layers", "n_layers"), low=1)
     return CheckpointInfo(
-        path=str(folder), architecture=architecture, model_type=cfg.get("model_type"),
+        path=str(folder), architecture=architecture, model_type=model_type,
         num_layers=layers if layers is not None else (len(layer_totals) or None),
         num_moe_layers=len(moe_layers), num_experts=max(L.num_experts for L in moe_layers),
         experts_per_layer=[L.num_experts for L in moe_layers], top_k=top_k, num_shared_experts=num_shared,

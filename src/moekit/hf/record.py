@@ -24,7 +24,7 @@ A forward pre-hook on ``model`` itself reads each call's ``input_ids`` and posit
 ``cache_position``, else the KV-cache length), so with ``generate()`` the trace lists the prompt tokens, then
 one token per sequence per generated step, at their true positions. A call that starts from an empty cache
 starts new sequences (``seq_ids`` counted across calls); a call on a non-empty cache continues the previous
-sequences.
+sequences. Padding (tokens whose ``attention_mask`` entry is 0) is not recorded.
 
 Legend: T tokens, K experts per token, E experts, B batch, L sequence length.
 """
@@ -83,6 +83,7 @@ class _Call:
     positions_BL: torch.Tensor | None
     seq_base: int
     num_tokens: int
+    real_BL: torch.Tensor | None = None  # from the call's attention_mask: False = padding, not recorded
 
 
 def _pick(args, kwargs, position: int, names) -> torch.Tensor | None:
@@ -133,7 +134,8 @@ class HFRoutingRecorder:
             if self.keep_logits or not isinstance(output, (tuple, list)):
                 self.logits[layer].append(logits.detach().reshape(-1, logits.shape[-1]).to("cpu", torch.float32))
             if isinstance(output, (tuple, list)) and len(output) >= 3:
-                self._add_selection(layer, output[2], output[1])
+                # a moekit.hf.surgery adapter pads variable-k rows (expert 0 at weight 0): not routed pairs
+                self._add_selection(layer, output[2], output[1], getattr(module, "last_padding", None))
         return hook
 
     def _experts_hook(self, layer: int):
@@ -147,10 +149,18 @@ class HFRoutingRecorder:
                 self._add_selection(layer, index, weights)
         return hook
 
-    def _add_selection(self, layer: int, index: torch.Tensor, weights: torch.Tensor) -> None:
+    def _add_selection(self, layer: int, index: torch.Tensor, weights: torch.Tensor,
+                       padding: torch.Tensor | None = None) -> None:
+        """Rows in descending weight; slots flagged in ``padding [T, K]`` become expert -1 at weight 0, last."""
         index_TK = index.detach().reshape(-1, index.shape[-1]).to("cpu", torch.int64)
         weights_TK = weights.detach().reshape(-1, weights.shape[-1]).to("cpu", torch.float32)
-        order_TK = torch.argsort(-weights_TK, dim=-1, stable=True)  # descending weight, ties keep router order
+        key_TK = -weights_TK
+        if padding is not None and tuple(padding.shape) == tuple(index_TK.shape):
+            pad_TK = padding.detach().to("cpu", torch.bool)
+            index_TK = index_TK.masked_fill(pad_TK, -1)
+            weights_TK = weights_TK.masked_fill(pad_TK, 0.0)
+            key_TK = key_TK.masked_fill(pad_TK, float("inf"))
+        order_TK = torch.argsort(key_TK, dim=-1, stable=True)  # descending weight, ties keep router order
         self.experts[layer].append(index_TK.gather(1, order_TK))
         self.weights[layer].append(weights_TK.gather(1, order_TK))
 
@@ -182,7 +192,11 @@ class HFRoutingRecorder:
         else:
             base = self.calls[-1].seq_base
         tokens = input_ids.detach().to("cpu", torch.int64) if input_ids is not None else None
-        self.calls.append(_Call(tokens, positions_BL.clone(), base, B * L))
+        mask = _pick(args, kwargs, 1, ("attention_mask",))
+        real_BL = None
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == B and mask.shape[1] >= L:
+            real_BL = mask[:, -L:].detach().to("cpu") != 0  # cached decoding: the mask covers the past too
+        self.calls.append(_Call(tokens, positions_BL.clone(), base, B * L, real_BL))
 
     # ------------------------------------------------------------------------------------------- result
     @property
@@ -211,6 +225,11 @@ class HFRoutingRecorder:
             logits = torch.stack([torch.cat([pad(x, E, float("-inf")) for x in lg]) for lg in self.logits])
             logits = logits.to(self.logits_dtype)
         fields = self._annotations(T)
+        keep_T = self._real_tokens(T)
+        if keep_T is not None:  # padding (attention_mask 0) is not recorded
+            experts, weights = experts[:, keep_T], weights[:, keep_T]
+            logits = logits[:, keep_T] if logits is not None else None
+            fields = {k: v[keep_T] for k, v in fields.items()}
         cfg = getattr(self.model, "config", None)
         info = {"architecture": type(self.model).__name__, "model_type": getattr(cfg, "model_type", None),
                 "num_experts": E, "top_k": K, "num_moe_layers": len(self.blocks),
@@ -220,6 +239,16 @@ class HFRoutingRecorder:
                      num_experts_per_layer=[b.num_experts for b in self.blocks],
                      model={**info, **(model or {})}, source={"recorder": "moekit.hf.record", **(source or {})},
                      **fields)
+
+    def _real_tokens(self, T: int) -> torch.Tensor | None:
+        """``[T]`` bool of the recorded tokens that are not padding, when the calls account for every token and
+        some call had an attention mask with padding; else None (everything recorded)."""
+        if not self.calls or any(c.num_tokens < 0 for c in self.calls) or sum(c.num_tokens for c in self.calls) != T:
+            return None
+        if all(c.real_BL is None or bool(c.real_BL.all()) for c in self.calls):
+            return None
+        return torch.cat([c.real_BL.reshape(-1) if c.real_BL is not None else torch.ones(c.num_tokens, dtype=torch.bool)
+                          for c in self.calls])
 
     def _annotations(self, T: int) -> dict:
         """tokens, positions, seq_ids from the model calls, when they account for every routed token."""

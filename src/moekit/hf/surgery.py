@@ -58,7 +58,8 @@ from ..routing.base import Router, Routing, RoutingContext
 from .record import find_moe_blocks
 
 __all__ = ["RouterSpec", "RouterAdapter", "replace_routers", "adapters", "aux_loss", "end_step", "can_express",
-           "write_back", "restore_routers", "save_pretrained", "written_back", "describe_router"]
+           "write_back", "restore_routers", "save_pretrained", "written_back", "describe_router", "save_routers",
+           "load_routers", "ROUTERS_FILE"]
 
 _SPEC_KEYS = ("score_func", "norm_topk", "scaling_factor", "num_groups", "topk_groups")
 
@@ -219,6 +220,9 @@ class RouterAdapter(nn.Module):
         self.__dict__["_shared"] = shared
         self.aux_losses: dict[str, torch.Tensor] = {}
         self.last_routing: Routing | None = None
+        # [T, K] bool of the last call: True where a variable-k row was padded (expert 0 at weight 0), so that
+        # moekit.hf.record drops those slots; None when every token has exactly K experts.
+        self.last_padding: torch.Tensor | None = None
 
     @property
     def weight(self) -> torch.Tensor | None:
@@ -242,9 +246,18 @@ class RouterAdapter(nn.Module):
         return f"replaces={type(self.original).__name__}"
 
     def _context(self, num_tokens: int) -> RoutingContext:
+        """Token ids and the padding mask of the model call (read by the model's pre-hook): the mask is the
+        call's 2-D ``attention_mask`` (nonzero = a real token) when it covers these tokens, so padding counts
+        in no loss or statistic (as transformers' ``load_balancing_loss_func`` given the attention mask)."""
         ids = self._shared.get("input_ids")
+        mask = self._shared.get("attention_mask")
+        if not (isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.numel() == num_tokens):
+            mask = None
         if isinstance(ids, torch.Tensor) and ids.numel() == num_tokens:
-            return RoutingContext(batch_shape=tuple(ids.shape), input_ids=ids)
+            return RoutingContext(batch_shape=tuple(ids.shape), input_ids=ids,
+                                  token_mask=None if mask is None else mask != 0)
+        if mask is not None:
+            return RoutingContext(batch_shape=tuple(mask.shape), token_mask=mask != 0)
         return RoutingContext()
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
@@ -254,6 +267,7 @@ class RouterAdapter(nn.Module):
         self.aux_losses = dict(r.aux_losses)
         self.last_routing = r
         ids_TK, w_TK = r.topk_ids, r.topk_weights
+        self.last_padding = None
         if ids_TK is None:  # variable experts per token: pad to K_max with expert 0 at weight 0
             counts_T = torch.bincount(r.token_ids, minlength=num_tokens)
             k_max = max(int(counts_T.max()) if num_tokens else 1, 1)
@@ -265,6 +279,7 @@ class RouterAdapter(nn.Module):
             w_TK = torch.zeros(num_tokens, k_max, dtype=r.weights.dtype, device=x_TD.device)
             ids_TK = ids_TK.index_put((tok_S, slot_S), r.expert_ids[order])
             w_TK = w_TK.index_put((tok_S, slot_S), r.weights[order])
+            self.last_padding = torch.arange(k_max, device=x_TD.device)[None, :] >= counts_T[:, None]
         logits = r.logits
         if logits is None:
             logits = torch.zeros(num_tokens, self.router.num_experts, device=x_TD.device)
@@ -305,9 +320,8 @@ def replace_routers(model: nn.Module, router: str = "topk", **options) -> list[s
     router class cannot be reproduced.
     """
     router_cls = _routing.get(router)
-    if callable(getattr(router_cls, "residual_update", None)) or getattr(router_cls, "needs_attention", False):
-        need = "its residual update" if callable(getattr(router_cls, "residual_update", None)) else \
-            "the preceding attention probabilities"
+    if router_cls.updates_residual or router_cls.needs_attention:
+        need = "its residual update" if router_cls.updates_residual else "the preceding attention probabilities"
         raise ValueError(f"replace_routers: router {router!r} needs {need} from moekit's own decoder layer "
                          "(moekit.model), which a transformers model does not provide")
     blocks = find_moe_blocks(model)
@@ -356,10 +370,26 @@ def replace_routers(model: nn.Module, router: str = "topk", **options) -> list[s
         replaced.append(b.name)
 
     def remember_ids(module, args, kwargs):
+        config = getattr(module, "config", None)
+        wanted = kwargs.get("output_router_logits")
+        if wanted is None:
+            wanted = getattr(config, "output_router_logits", False)
+        if wanted:
+            raise ValueError("output_router_logits=True does not work after moekit.hf.surgery.replace_routers: "
+                             "transformers collects router logits by router class, which the moekit routers "
+                             "replace; set model.config.output_router_logits = False and add "
+                             "moekit.hf.surgery.aux_loss(model) to the loss (moekit.hf.record_routing records "
+                             "the logits)")
         ids = kwargs.get("input_ids", args[0] if args else None)
         shared["input_ids"] = ids if isinstance(ids, torch.Tensor) and not ids.is_floating_point() else None
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and isinstance(shared["input_ids"], torch.Tensor) \
+                and shared["input_ids"].dim() == 2 and mask.shape[1] > shared["input_ids"].shape[1]:
+            mask = mask[:, -shared["input_ids"].shape[1]:]  # cached decoding: the mask covers the past too
+        shared["attention_mask"] = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     model.__dict__["_moekit_surgery_hook"] = model.register_forward_pre_hook(remember_ids, with_kwargs=True)
+    model.__dict__["_moekit_surgery_options"] = {"router": router, "options": dict(options)}
     return replaced
 
 
@@ -462,7 +492,9 @@ def _check_all(model: nn.Module) -> list[RouterAdapter]:
             problems.append(f"{a.block_name}: {reason.replace('the original router class', type(a.original).__name__)}")
     if problems:
         raise ValueError("write_back: cannot write the routers back into their original classes:\n  "
-                         + "\n  ".join(problems))
+                         + "\n  ".join(problems) + "\nKeep the trained routers beside the checkpoint instead: "
+                         "save_routers(model, path) writes them (safetensors), load_routers(model, path) puts "
+                         "them back into a freshly loaded model")
     return found
 
 
@@ -535,3 +567,94 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
     """``model.save_pretrained`` of the written-back model, keeping the surgery in place afterwards."""
     with written_back(model):
         model.save_pretrained(save_directory, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ save / load
+ROUTERS_FILE = "moekit_routers.safetensors"
+
+
+def _routers_path(path) -> "Path":
+    from pathlib import Path
+
+    path = Path(path)
+    return path / ROUTERS_FILE if path.is_dir() or not path.suffix else path
+
+
+def save_routers(model: nn.Module, path) -> "Path":
+    """Write the replaced routers of ``model`` (every parameter and buffer of each moekit router: gate weight,
+    trained selection bias, balancing counters) to a safetensors file, for routers that :func:`write_back`
+    cannot put into the original classes (e.g. a trained auxiliary-loss-free bias and Qwen3-MoE's router,
+    which has no bias). ``path`` is a file, or a folder (such as the ``save_pretrained`` one) that receives
+    ``moekit_routers.safetensors``. The router name and the options given to :func:`replace_routers` go into
+    the file's metadata (JSON) so :func:`load_routers` can redo the surgery. Returns the file written.
+    """
+    import json
+
+    from ..io import atomic_save_safetensors
+
+    found = adapters(model)
+    if not found:
+        raise ValueError("save_routers: the model has no replaced routers (call replace_routers first)")
+    setup = model.__dict__.get("_moekit_surgery_options") or {
+        "router": getattr(found[0].router, "registry_name", None), "options": {}}
+    try:
+        options = json.dumps(setup["options"])
+    except TypeError:
+        raise ValueError(f"save_routers: the replace_routers options {setup['options']!r} are not JSON "
+                         "values, so they cannot be recorded") from None
+    tensors = {}
+    for a in found:
+        for key, value in a.router.state_dict().items():
+            tensors[f"{a.block_name}.{a.attr}.{key}"] = value
+    out = _routers_path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": "moekit-hf-routers", "version": "1", "router": str(setup["router"]), "options": options,
+            "blocks": json.dumps([[a.block_name, a.attr] for a in found])}
+    atomic_save_safetensors(out, tensors, meta)
+    return out
+
+
+def load_routers(model: nn.Module, path, **options) -> list[str]:
+    """Put routers saved by :func:`save_routers` into ``model`` (a freshly loaded transformers model).
+
+    When ``model`` has no replaced routers yet, :func:`replace_routers` is run first with the router name and
+    options recorded in the file (``options`` given here override them). Every tensor must match a router
+    parameter or buffer of the same shape; ``ValueError`` naming the mismatch otherwise. Returns the blocks.
+    """
+    import json
+
+    from safetensors import safe_open
+
+    from ..io import load_safetensors
+
+    file = _routers_path(path)
+    tensors = load_safetensors(file, "router file")
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != "moekit-hf-routers":
+        raise ValueError(f"router file {file} was not written by moekit.hf.surgery.save_routers")
+    if not adapters(model):
+        recorded = json.loads(meta.get("options") or "{}")
+        replace_routers(model, meta["router"], **{**recorded, **options})
+    found = adapters(model)
+    names = {getattr(a.router, "registry_name", None) for a in found}
+    if names != {meta["router"]}:
+        raise ValueError(f"router file {file} holds {meta['router']!r} routers; the model's replaced routers are "
+                         f"{', '.join(sorted(map(str, names)))}")
+    expected = {}
+    for a in found:
+        for key, value in a.router.state_dict().items():
+            expected[f"{a.block_name}.{a.attr}.{key}"] = (a, key, value)
+    missing, unexpected = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"router file {file} does not match the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, (a, key, own) in expected.items():
+        if tuple(tensors[name].shape) != tuple(own.shape):
+            raise ValueError(f"router file {file}: {name} has shape {tuple(tensors[name].shape)}, the model's "
+                             f"router expects {tuple(own.shape)}")
+    for a in found:
+        prefix = f"{a.block_name}.{a.attr}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        a.router.load_state_dict(state, strict=True)
+    return [a.block_name for a in found]

@@ -69,5 +69,18 @@ class KVCache:
         buffer[:, start_pos:end] = value_BLX.detach()
         return torch.cat((buffer[:, :start_pos], value_BLX), dim=1)
 
+    def select(self, index_B: torch.Tensor | list[int]) -> None:
+        """Keep only the sequences ``index_B`` (in that order), keys, values and routing state alike: batched
+        generation drops the sequences that finished so later steps compute only the others."""
+        index = torch.as_tensor(index_B, dtype=torch.int64, device=self.k_BKSH[0].device if self.k_BKSH else None)
+        if index.dim() != 1 or index.numel() == 0:
+            raise ValueError(f"select needs a non-empty list of sequence indices, got shape {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise ValueError(f"sequence indices must be in [0, {self.batch_size}), got {index.tolist()}")
+        self.k_BKSH = [k.index_select(0, index) for k in self.k_BKSH]
+        self.v_BKSH = [v.index_select(0, index) for v in self.v_BKSH]
+        self._routing = {key: buf.index_select(0, index.to(buf.device)) for key, buf in self._routing.items()}
+        self.batch_size = int(index.numel())
+
     def reset(self) -> None:
         self.length = 0

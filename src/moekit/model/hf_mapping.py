@@ -28,11 +28,16 @@ before RoPE; default RoPE in the ``rotate_half`` layout with float32 angles; att
 ``F.scaled_dot_product_attention`` and fused grouped experts, so logits agree to float32 rounding.
 
 Only MoE settings that Qwen3-MoE has can be exported: router ``topk`` with softmax scores, ``swiglu``
-experts, no shared experts, no capacity dropping, no auxiliary-loss-free bias, ``scaling_factor`` 1, one
-expert group (:func:`qwen3_incompatibilities` lists the rest). Training-only settings (jitter, loss kinds)
+experts (moekit's ``dense`` kind), no shared experts, no capacity dropping (in training or at inference), no
+auxiliary-loss-free bias, ``scaling_factor`` 1, one expert group (:func:`qwen3_incompatibilities` lists the rest). Training-only settings (jitter, loss kinds)
 do not change the forward pass. ``router_aux_loss_coef`` is converted approximately: transformers pools the
 load over all MoE layers and its loss is ``top_k`` times moekit's, while ``moekit.aux_loss`` sums per-layer
 losses, so ``router_aux_loss_coef = aux_loss_coef * n_moe_layers / top_k``.
+
+Per-layer MoE settings (``ModelConfig.moe_overrides``): Qwen3-MoE has one ``num_experts``,
+``num_experts_per_tok``, ``moe_intermediate_size`` and ``norm_topk_prob`` for all its MoE layers, so a model
+whose MoE layers differ in any of them is refused, naming the layers; every MoE layer is checked against the
+list above. When all MoE layers agree, their common values are exported, even where they differ from ``moe``.
 """
 from __future__ import annotations
 
@@ -54,19 +59,54 @@ _FIELD_NOTES = {
 }
 
 
+# Settings Qwen3-MoE stores once for all MoE layers (moekit name, transformers name).
+_SHARED_FIELDS = (("num_experts", "num_experts"), ("top_k", "num_experts_per_tok"),
+                  ("hidden_dim", "moe_intermediate_size"), ("norm_topk", "norm_topk_prob"))
+
+
+def _layer_moes(config: ModelConfig) -> dict[int, MoEConfig]:
+    """Each MoE layer's settings (``config.moe`` alone for a model without MoE layers, keyed -1)."""
+    moes = config.layer_moes
+    return moes if moes else {-1: config.moe}
+
+
 def qwen3_incompatibilities(config: ModelConfig) -> list[str]:
     """Reasons ``config`` has no exact Qwen3-MoE equivalent (empty when it has one)."""
-    moe = config.moe
+    moes = _layer_moes(config)
+    per_layer = bool(config.moe_overrides)
+
+    def where(layers: list[int]) -> str:  # which layers, when layers may differ
+        return f" in layer(s) {', '.join(map(str, layers))}" if per_layer else ""
+
     problems = []
     checks = [
         ("router", "topk"), ("score_func", "softmax"), ("activation", "swiglu"), ("num_shared_experts", 0),
-        ("capacity_factor", None), ("bias_update", None), ("scaling_factor", 1.0), ("num_groups", 1),
+        ("capacity_factor", None), ("eval_capacity_factor", None), ("bias_update", None), ("scaling_factor", 1.0),
+        ("num_groups", 1), ("experts", "dense"), ("experts_options", {}),
     ]
     for name, wanted in checks:
-        if getattr(moe, name) != wanted:
-            problems.append(f"moe.{name}={getattr(moe, name)!r} (Qwen3-MoE: {wanted!r}{_FIELD_NOTES.get(name, '')})")
-    if moe.router_options:
-        problems.append(f"moe.router_options={moe.router_options!r} (Qwen3-MoE: none)")
+        bad: dict = {}  # value -> layers
+        for i, moe in moes.items():
+            value = getattr(moe, name, wanted)  # a field this MoEConfig lacks has its neutral value
+            if value != wanted:
+                bad.setdefault(repr(value), []).append(i)
+        for value, layers in bad.items():
+            problems.append(f"moe.{name}={value}{where(layers)} (Qwen3-MoE: {wanted!r}"
+                            f"{_FIELD_NOTES.get(name, '')})")
+    options: dict = {}
+    for i, moe in moes.items():
+        if moe.router_options:
+            options.setdefault(repr(moe.router_options), []).append(i)
+    for value, layers in options.items():
+        problems.append(f"moe.router_options={value}{where(layers)} (Qwen3-MoE: none)")
+    differing = []
+    for name, hf_name in _SHARED_FIELDS:
+        values = {i: getattr(moe, name) for i, moe in moes.items()}
+        if len(set(values.values())) > 1:
+            differing.append(f"{name} ({', '.join(f'layer {i}: {v}' for i, v in values.items())})")
+    if differing:
+        problems.append("the MoE layers differ in " + ", ".join(differing)
+                        + " (Qwen3-MoE: one value for all MoE layers)")
     return problems
 
 
@@ -84,8 +124,10 @@ def qwen3_moe_config_dict(config: ModelConfig, bos_id: int | None = BOS_ID, eos_
     tokenizer's and are left out when outside the vocabulary.
     """
     _check(config)
-    moe = config.moe
+    moes = list(_layer_moes(config).values())
+    moe = moes[0]  # every MoE layer agrees on the fields below (checked)
     n_moe = max(1, len(config.moe_layer_indices))
+    aux_loss_coef = sum(m.aux_loss_coef for m in moes) / len(moes)  # training only: the layers' mean
 
     def special(i):
         return i if i is not None and 0 <= i < config.vocab_size else None
@@ -114,7 +156,7 @@ def qwen3_moe_config_dict(config: ModelConfig, bos_id: int | None = BOS_ID, eos_
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "norm_topk_prob": bool(moe.norm_topk),
-        "router_aux_loss_coef": moe.aux_loss_coef * n_moe / moe.top_k,
+        "router_aux_loss_coef": aux_loss_coef * n_moe / moe.top_k,
         "bos_token_id": special(bos_id),
         "eos_token_id": special(eos_id),
         "pad_token_id": special(pad_id),

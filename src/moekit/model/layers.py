@@ -12,7 +12,6 @@ from torch import nn
 
 from ..layer import MoE
 from ..routing.base import RoutingContext
-from ..routing.graph import ATTENTION_KEY
 from .cache import KVCache
 from .config import ModelConfig
 
@@ -46,11 +45,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     @torch.no_grad()
-    def forward(self, positions_L: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``cos_LH``, ``sin_LH`` for integer positions ``[L]``, cast to ``dtype``."""
-        freqs_LX = positions_L[:, None].float() * self.inv_freq.to(positions_L.device, torch.float)
-        emb_LH = torch.cat((freqs_LX, freqs_LX), dim=-1)
-        return emb_LH.cos().to(dtype), emb_LH.sin().to(dtype)
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of shape ``[*positions.shape, H]`` for integer positions (``[L]``, or ``[B, L]``
+        when each sequence has its own), cast to ``dtype``."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device, torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +70,10 @@ class Attention(nn.Module):
     (as transformers' eager path: float32 softmax, cast back) and ``probs_BLS`` is the attention probabilities
     averaged over heads, float32, rows summing to one over the ``S`` key positions (cache included); it is None
     otherwise.
+
+    ``cos``/``sin`` are ``[L, H]`` (positions shared by the batch) or ``[B, 1, L, H]`` (per sequence).
+    ``attn_mask_B1LS`` (bool, True = may attend; see :meth:`padding_mask`) replaces the plain causal mask when
+    a batch holds padding; None means every key is a real token.
     """
 
     def __init__(self, config: ModelConfig, layer_index: int):
@@ -87,8 +91,8 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
     def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
-                kv_cache: KVCache | None = None, start_pos: int = 0,
-                need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, start_pos: int = 0, need_weights: bool = False,
+                attn_mask_B1LS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, L, _ = x_BLD.shape
         q_BNLH = self.q_norm(self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
         k_BKLH = self.k_norm(self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim)).transpose(1, 2)
@@ -102,10 +106,12 @@ class Attention(nn.Module):
         S = k_BKSH.shape[2]
         probs_BLS = None
         if need_weights:
-            out_BNLH, probs_BLS = self._explicit(q_BNLH, k_BKSH, v_BKSH)
+            out_BNLH, probs_BLS = self._explicit(q_BNLH, k_BKSH, v_BKSH, attn_mask_B1LS)
         else:
             mask_LS, is_causal = None, False
-            if S == L:
+            if attn_mask_B1LS is not None:
+                mask_LS = attn_mask_B1LS
+            elif S == L:
                 is_causal = L > 1
             elif L > 1:  # a chunk of L new queries after S - L cached positions
                 mask_LS = self._causal_mask(L, S, x_BLD.device)
@@ -121,8 +127,18 @@ class Attention(nn.Module):
         query_pos_L = torch.arange(S - L, S, device=device)
         return torch.arange(S, device=device)[None, :] <= query_pos_L[:, None]
 
-    def _explicit(self, q_BNLH: torch.Tensor, k_BKSH: torch.Tensor,
-                  v_BKSH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    @staticmethod
+    def padding_mask(key_mask_BS: torch.Tensor, L: int) -> torch.Tensor:
+        """``[B, 1, L, S]`` True where query ``i`` (key column ``S - L + i``) may attend to key column ``j``:
+        causal, and key ``j`` is a real token (``key_mask_BS`` True). A padding query would see no key at all
+        (a softmax over nothing is NaN), so every query also sees itself; real queries never see padding."""
+        S, device = key_mask_BS.shape[1], key_mask_BS.device
+        causal_LS = Attention._causal_mask(L, S, device)
+        self_LS = torch.arange(S, device=device)[None, :] == torch.arange(S - L, S, device=device)[:, None]
+        return ((causal_LS & key_mask_BS[:, None, :]) | self_LS)[:, None]
+
+    def _explicit(self, q_BNLH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,
+                  attn_mask_B1LS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention with its probabilities (SDPA does not return them): each key/value head serves
         ``n_heads / n_kv_heads`` consecutive query heads, as ``repeat_kv`` in transformers."""
         L, S = q_BNLH.shape[2], k_BKSH.shape[2]
@@ -130,7 +146,8 @@ class Attention(nn.Module):
         k_BNSH = k_BKSH.repeat_interleave(groups, dim=1)
         v_BNSH = v_BKSH.repeat_interleave(groups, dim=1)
         logits_BNLS = (q_BNLH @ k_BNSH.transpose(-1, -2)) * self.scaling
-        logits_BNLS = logits_BNLS.masked_fill(~self._causal_mask(L, S, q_BNLH.device), float("-inf"))
+        allowed = self._causal_mask(L, S, q_BNLH.device) if attn_mask_B1LS is None else attn_mask_B1LS
+        logits_BNLS = logits_BNLS.masked_fill(~allowed, float("-inf"))
         probs32_BNLS = torch.softmax(logits_BNLS, dim=-1, dtype=torch.float32)
         out_BNLH = probs32_BNLS.to(q_BNLH.dtype) @ v_BNSH
         return out_BNLH, probs32_BNLS.mean(dim=1)
@@ -153,14 +170,14 @@ class DecoderLayer(nn.Module):
     """``Qwen3MoeDecoderLayer``: pre-norm attention and FFN, each in a residual branch. The FFN (``mlp``) is a
     :class:`moekit.MoE` (``gate``, ``experts``) or a :class:`DenseMLP`.
 
-    Two router hooks, both duck-typed on the MoE layer's router (``mlp.gate``) and both passing state through
-    ``ctx.extras`` (one dict per model call, shared by all layers), never through module attributes:
+    Two router hooks, declared on :class:`moekit.routing.Router` and read from the MoE layer's router
+    (``mlp.gate``), both passing state through the layer's ``RoutingContext``, never through module attributes:
 
-    - ``needs_attention = True`` (:class:`moekit.routing.graph.AttentionRouter`): the attention layer computes
+    - ``needs_attention`` (True for :class:`moekit.routing.graph.AttentionRouter`): the attention layer computes
       its probabilities explicitly and the layer puts their head average ``[B, L, S]`` in
-      ``ctx.extras[ATTENTION_KEY]`` for the router, removing it after the MoE call.
-    - ``residual_update(f, extras) -> delta`` (:mod:`moekit.routing.momentum`): the residual branch adds
-      ``delta`` instead of the MoE output ``f`` (MomentumSMoE, AdamSMoE).
+      ``ctx.attention_probs`` for the router, clearing it after the MoE call.
+    - ``residual_update(f, ctx) -> delta`` (identity by default; :mod:`moekit.routing.momentum` overrides it):
+      the residual branch adds ``delta`` instead of the MoE output ``f`` (MomentumSMoE, AdamSMoE).
     """
 
     def __init__(self, config: ModelConfig, layer_index: int):
@@ -168,17 +185,18 @@ class DecoderLayer(nn.Module):
         self.layer_index = layer_index
         self.is_moe = config.is_moe_layer(layer_index)
         self.self_attn = Attention(config, layer_index)
-        self.mlp = MoE(config.moe) if self.is_moe else DenseMLP(config.dim, config.dense_hidden_dim)
+        moe = config.layer_moe(layer_index)  # this layer's settings (moe_overrides applied), None when dense
+        self.mlp = MoE(moe) if self.is_moe else DenseMLP(config.dim, config.dense_hidden_dim)
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
     def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
                 ctx: RoutingContext | None = None, kv_cache: KVCache | None = None,
-                start_pos: int = 0) -> torch.Tensor:
+                start_pos: int = 0, attn_mask_B1LS: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.mlp.gate if self.is_moe else None
-        need_weights = bool(getattr(gate, "needs_attention", False))
+        need_weights = gate is not None and gate.needs_attention
         attn_BLD, probs_BLS = self.self_attn(self.input_layernorm(x_BLD), cos_LH, sin_LH, kv_cache, start_pos,
-                                             need_weights=need_weights)
+                                             need_weights=need_weights, attn_mask_B1LS=attn_mask_B1LS)
         h_BLD = x_BLD + attn_BLD
         normed_BLD = self.post_attention_layernorm(h_BLD)
         if not self.is_moe:
@@ -186,13 +204,10 @@ class DecoderLayer(nn.Module):
         if ctx is None:
             ctx = RoutingContext(batch_shape=tuple(normed_BLD.shape[:-1]), layer_index=self.layer_index)
         if need_weights:
-            ctx.extras[ATTENTION_KEY] = probs_BLS
+            ctx.attention_probs = probs_BLS
         try:
             ffn_BLD = self.mlp(normed_BLD, ctx)
         finally:
             if need_weights:
-                ctx.extras.pop(ATTENTION_KEY, None)
-        residual_update = getattr(gate, "residual_update", None)
-        if residual_update is not None:
-            ffn_BLD = residual_update(ffn_BLD, ctx.extras)
-        return h_BLD + ffn_BLD
+                ctx.attention_probs = None
+        return h_BLD + gate.residual_update(ffn_BLD, ctx)

@@ -49,10 +49,13 @@ class ExpertSharding:
                 continue
             experts = layer.experts
             num_experts = experts.num_experts
+            if num_experts % layout.ep_size:  # layers may differ in expert count (ModelConfig.moe_overrides)
+                raise ValueError(f"expert_parallel={layout.ep_size} does not divide the {num_experts} experts of "
+                                 f"{prefix[id(experts)]}")
             local = layout.local_experts(num_experts)
             for name in experts.shard(local):
                 self.sharded[f"{prefix[id(experts)]}.{name}".lstrip(".")] = num_experts
-            self.num_local_experts = len(local)
+            self.num_local_experts = min(len(local), self.num_local_experts or len(local))  # the fewest caps r
             layer.dispatcher = AllToAllDispatcher(layout.ep_group, layout.ep_size, chunks)
         model._moekit_sharding = self
 

@@ -43,6 +43,16 @@ class TraceStats:
     predictability: stats.Predictability
     domain_frequency: np.ndarray  # [L, D, E]
     domain_tokens: np.ndarray  # [D]
+    num_experts_per_layer: list[int] | None = None  # [L]; None: num_experts for every layer
+
+    def __post_init__(self):
+        if self.num_experts_per_layer is None:
+            self.num_experts_per_layer = [self.num_experts] * self.num_layers
+
+    @property
+    def uneven_experts(self) -> bool:
+        """True when the MoE layers have different numbers of experts."""
+        return len(set(self.num_experts_per_layer)) > 1
 
     @classmethod
     def of(cls, trace: Trace, seed: int = 0) -> "TraceStats":
@@ -56,7 +66,8 @@ class TraceStats:
             coactivation=np.stack([stats.coactivation(trace, l) for l in range(trace.num_layers)]),
             transitions=stats.transition_matrices(trace),
             predictability=stats.cross_layer_predictability(trace, seed=seed),
-            domain_frequency=freq_LDE, domain_tokens=tokens_D)
+            domain_frequency=freq_LDE, domain_tokens=tokens_D,
+            num_experts_per_layer=list(trace.num_experts_per_layer))
 
 
 @dataclass

@@ -115,16 +115,24 @@ def _training_section(page: _Page, an: Analysis, out: Path) -> None:
         page.img(plots.load_evolution(out / "train_load.png", m.steps, m.load, labels), "load share over steps")
 
 
+def _uniform_entropy(ts) -> str:
+    """``log2 E = 4.00``, or per layer when the layers have different expert counts."""
+    if not ts.uneven_experts:
+        return f"log2 E = {np.log2(ts.num_experts):.2f}"
+    return "log2 E per layer = " + ", ".join(f"{np.log2(e):.2f}" for e in ts.num_experts_per_layer)
+
+
 def _load_section(page: _Page, an: Analysis, out: Path, labels: list[str]) -> None:
     ts = an.trace
     page.h2("Expert load and balance")
     page.p("Share of the routed (token, expert) assignments per expert; the dashed line is the uniform share "
            "1/E. MaxVio = (max load - mean load) / mean load. Entropy in bits of the mean routing distribution "
-           f"(log2 E = {np.log2(ts.num_experts):.2f} when uniform) and, with logits, the mean per-token entropy "
+           f"({_uniform_entropy(ts)} when uniform) and, with logits, the mean per-token entropy "
            "of softmax(logits).", note=True)
     share = _row_normalise(ts.load)
     page.img(plots.bars_per_layer(out / "load.png", share, labels, "expert load share per layer", "share",
-                                  reference=1.0 / ts.num_experts), "expert load per layer")
+                                  reference=[1.0 / e for e in ts.num_experts_per_layer],
+                                  experts_per_layer=ts.num_experts_per_layer), "expert load per layer")
     header = ["layer", "tokens routed", "MaxVio", "load entropy (bits)"]
     rows = [[labels[l], int(ts.load[l].sum()), ts.max_vio[l], ts.load_entropy[l]] for l in range(ts.num_layers)]
     if ts.token_entropy is not None:

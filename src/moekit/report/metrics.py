@@ -58,11 +58,18 @@ def _number(value) -> float:
 
 
 def _max_vio_from_load(load_LE: np.ndarray) -> np.ndarray:
-    mean_L = load_LE.mean(axis=1)
-    return np.where(mean_L > 0, (load_LE.max(axis=1) - mean_L) / np.where(mean_L > 0, mean_L, 1.0), 0.0)
+    """MaxVio per layer over the layer's own experts (NaN columns: experts a narrower layer does not have)."""
+    with np.errstate(invalid="ignore"):
+        mean_L = np.nanmean(load_LE, axis=1)
+        return np.where(mean_L > 0, (np.nanmax(load_LE, axis=1) - mean_L) / np.where(mean_L > 0, mean_L, 1.0), 0.0)
 
 
 def _matrix(value) -> np.ndarray | None:
+    """``[L, E]`` float64 from a list of per-layer lists; layers with fewer experts (per-layer expert counts)
+    are padded with NaN to the widest."""
+    if isinstance(value, list) and value and all(isinstance(row, list) and row for row in value):
+        width = max(len(row) for row in value)
+        value = [row + [math.nan] * (width - len(row)) for row in value]
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
@@ -109,7 +116,7 @@ def read_metrics(path: str | os.PathLike) -> MetricsHistory:
         vio = r.get("max_vio")
         if isinstance(vio, list) and len(vio) == num_layers:
             vio_NL[i] = [_number(v) for v in vio]
-        elif load_shape[0] and np.isfinite(load_NLE[i]).all():
+        elif load_shape[0] and np.isfinite(load_NLE[i]).any(axis=1).all():
             vio_NL[i] = _max_vio_from_load(load_NLE[i])
     return MetricsHistory(
         path=str(path), steps=np.array([float(r["step"]) for r in records]),

@@ -59,14 +59,18 @@ def _bin_columns(steps_N: np.ndarray, values_NX: np.ndarray) -> tuple[np.ndarray
 
 
 def bars_per_layer(path: Path, values_LE: np.ndarray, layer_labels: Sequence[str], title: str, ylabel: str,
-                   reference: float | None = None) -> Path:
-    """One bar chart per layer (experts on x), with an optional horizontal reference line."""
+                   reference: float | Sequence[float] | None = None,
+                   experts_per_layer: Sequence[int] | None = None) -> Path:
+    """One bar chart per layer (experts on x), with an optional horizontal reference line (one value, or one
+    per layer); ``experts_per_layer`` limits each layer's bars to its own experts."""
     fig, axes = _grid(len(layer_labels), title=title)
-    E = values_LE.shape[1]
-    for ax, label, row in zip(axes, layer_labels, values_LE):
-        ax.bar(np.arange(E), row, color="tab:blue", width=0.8)
-        if reference is not None:
-            ax.axhline(reference, color="tab:red", lw=1, ls="--")
+    L, E = values_LE.shape
+    widths = list(experts_per_layer) if experts_per_layer is not None else [E] * L
+    refs = [reference] * L if reference is None or np.isscalar(reference) else list(reference)
+    for ax, label, row, E_l, ref in zip(axes, layer_labels, values_LE, widths, refs):
+        ax.bar(np.arange(E_l), row[:E_l], color="tab:blue", width=0.8)
+        if ref is not None:
+            ax.axhline(ref, color="tab:red", lw=1, ls="--")
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("expert")
         ax.set_ylabel(ylabel)
@@ -131,7 +135,7 @@ def disparity_plot(path: Path, disparity: Disparity, layer_labels: Sequence[str]
 
 def load_evolution(path: Path, steps_N: np.ndarray, load_NLE: np.ndarray, layer_labels: Sequence[str]) -> Path:
     """Per layer: each expert's share of the assignments (rows) over training steps (columns)."""
-    totals = load_NLE.sum(axis=2, keepdims=True)
+    totals = np.nansum(load_NLE, axis=2, keepdims=True)  # NaN: experts a narrower layer does not have
     with np.errstate(invalid="ignore", divide="ignore"):
         share_NLE = load_NLE / totals
     steps, share = _bin_columns(steps_N, share_NLE.reshape(len(steps_N), -1))

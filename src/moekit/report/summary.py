@@ -25,13 +25,16 @@ def format_disparate(d: Disparity, n: int = 5) -> str:
 
 def _trace_lines(an: Analysis) -> list[str]:
     ts = an.trace
-    lines = [f"trace: {ts.num_tokens:,} tokens, {ts.num_layers} MoE layers x {ts.num_experts} experts, "
+    experts = ("/".join(map(str, ts.num_experts_per_layer)) if ts.uneven_experts else str(ts.num_experts))
+    lines = [f"trace: {ts.num_tokens:,} tokens, {ts.num_layers} MoE layers x {experts} experts, "
              f"up to {ts.top_k} per token"]
     domains = [f"{name} ({int(n):,})" for name, n in zip(ts.domain_names, ts.domain_tokens) if n > 0]
     if domains:
         lines[-1] += "; domains: " + ", ".join(domains)
     lines.append(f"MaxVio per layer: {_nums(ts.max_vio)} (mean {float(np.mean(ts.max_vio)):.2f})")
-    entropy = f"routing entropy, bits (max {math.log2(ts.num_experts):.2f}): load {_nums(ts.load_entropy)}"
+    most = (_nums([math.log2(e) for e in ts.num_experts_per_layer]) if ts.uneven_experts
+            else f"{math.log2(ts.num_experts):.2f}")
+    entropy = f"routing entropy, bits (max {most}): load {_nums(ts.load_entropy)}"
     if ts.token_entropy is not None:
         entropy += f"; mean per token {_nums(ts.token_entropy)}"
     lines.append(entropy)

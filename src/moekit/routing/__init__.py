@@ -5,7 +5,7 @@ Every router is constructed as ``cls(dim=..., num_experts=..., top_k=..., **opti
 """
 from __future__ import annotations
 
-from .base import Router, Routing, RoutingContext
+from .base import MomentumState, Router, Routing, RoutingContext
 
 _REGISTRY: dict[str, type[Router]] = {}
 
@@ -48,4 +48,7 @@ def _import_router_modules() -> None:
 
 _import_router_modules()
 
-__all__ = ["Router", "Routing", "RoutingContext", "get", "names", "register"]
+from .offsets import load_logit_offsets, logit_offsets, save_logit_offsets  # noqa: E402
+
+__all__ = ["MomentumState", "Router", "Routing", "RoutingContext", "get", "names", "register", "logit_offsets",
+           "save_logit_offsets", "load_logit_offsets"]

@@ -7,10 +7,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .base import Router, Routing
+from .base import Routing
 
 EVAL_ROUTINGS = ("token_choice", "batch")
 
@@ -30,18 +28,6 @@ def check_positive(name: str, value, *, integer: bool = False, allow_zero: bool 
     if not ok:
         kind = "an integer" if integer else "a finite number"
         raise ValueError(f"{name} must be {kind} {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-class LinearGateRouter(Router):
-    """A Router whose logits are ``x W^T`` in float32, ``weight [E, D]`` (Hugging Face ``gate.weight``)."""
-
-    def __init__(self, dim: int, num_experts: int, top_k: int):
-        super().__init__(dim, num_experts, top_k)
-        self.weight = nn.Parameter(torch.empty(num_experts, dim))
-        nn.init.normal_(self.weight, std=0.02)
-
-    def router_logits(self, x_TD: torch.Tensor) -> torch.Tensor:
-        return F.linear(x_TD.float(), self.weight.float())
 
 
 def softmax_topk_routing(logits_TE: torch.Tensor, top_k: int, renormalise: bool) -> Routing:
@@ -66,3 +52,21 @@ def topk_renormalised_routing(log_plan_TE: torch.Tensor, top_k: int, num_experts
     topk_ids_TK = torch.topk(log_plan_TE.detach(), top_k, dim=-1).indices
     weights_TK = torch.softmax(log_plan_TE.gather(1, topk_ids_TK), dim=-1)
     return Routing.from_topk(topk_ids_TK, weights_TK, num_experts, **kw)
+
+
+def real_token_ids(mask_T: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor | None:
+    """Indices of the real tokens (None when every token is real): the rows batch-level routers solve their
+    assignment problem on, so padding takes neither capacity nor transport mass."""
+    if mask_T is None or bool(mask_T.all()):
+        return None
+    return mask_T.nonzero().reshape(-1).to(device)
+
+
+def merge_topk_rows(all_rows: Routing, real_ids_R: torch.Tensor, ids_RK: torch.Tensor,
+                    weights_RK: torch.Tensor) -> Routing:
+    """``all_rows`` (a token-choice routing of every token) with the rows ``real_ids_R`` replaced by
+    ``(ids_RK, weights_RK)``: the batch-level choice for real tokens, the token-choice fallback for padding."""
+    topk_ids_TK = all_rows.topk_ids.index_copy(0, real_ids_R, ids_RK)
+    weights_TK = all_rows.topk_weights.index_copy(0, real_ids_R, weights_RK.to(all_rows.topk_weights.dtype))
+    return Routing.from_topk(topk_ids_TK, weights_TK, all_rows.num_experts, logits=all_rows.logits,
+                             probs=all_rows.probs, token_mask=all_rows.token_mask)

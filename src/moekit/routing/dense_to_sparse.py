@@ -156,10 +156,8 @@ class DenseToSparseRouter(TopKRouter):
         return logits_TE
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
-        router_in_TD = x_TD
-        if self.training and self.jitter > 0:
-            router_in_TD = x_TD * torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits_TE = F.linear(router_in_TD.float(), self.weight.float())
+        logits_TE = self.logits(x_TD, ctx)
+        mask_T = ctx.flat_mask(x_TD.shape[0], x_TD.device) if ctx is not None else None
         gate_in_TE = self.gate_input(logits_TE)
         tau = self.temperature
         probs_TE = torch.softmax(gate_in_TE / tau, dim=-1)
@@ -171,7 +169,7 @@ class DenseToSparseRouter(TopKRouter):
             if self.renormalize:
                 topk_weights_TK = topk_weights_TK / topk_weights_TK.sum(dim=-1, keepdim=True)
             return Routing.from_topk(topk_ids_TK, topk_weights_TK, self.num_experts, logits=logits_TE,
-                                     probs=probs_TE)
+                                     probs=probs_TE, token_mask=mask_T)
         gate_detached_TE = gate_TE.detach()
         mask_TE = gate_detached_TE > self.threshold
         mask_TE.scatter_(1, gate_detached_TE.argmax(dim=-1, keepdim=True), True)  # at least one expert
@@ -181,7 +179,7 @@ class DenseToSparseRouter(TopKRouter):
             weights_TE = gate_TE / (gate_TE * mask_TE).sum(dim=-1, keepdim=True)
         routing = Routing(token_ids=token_ids, expert_ids=expert_ids, weights=weights_TE[token_ids, expert_ids],
                           num_tokens=x_TD.shape[0], num_experts=self.num_experts, logits=logits_TE,
-                          probs=probs_TE)
+                          probs=probs_TE, token_mask=mask_T)
         if self.training:
             routing.aux_losses = self._aux_losses(routing, ctx)
         return routing

@@ -14,12 +14,12 @@ import math
 import torch
 
 from . import register
-from ._common import EVAL_ROUTINGS, LinearGateRouter, check_choice, check_positive, softmax_topk_routing
-from .base import Routing, RoutingContext
+from ._common import EVAL_ROUTINGS, check_choice, check_positive, real_token_ids, softmax_topk_routing
+from .base import Router, Routing, RoutingContext
 
 
 @register("expert_choice")
-class ExpertChoiceRouter(LinearGateRouter):
+class ExpertChoiceRouter(Router):
     """Each expert takes the ``C = ceil(T * capacity_factor / E)`` tokens with the highest softmax score.
 
     A token may be chosen by 0..E experts; every expert gets exactly ``C`` tokens, so the load is balanced by
@@ -66,13 +66,21 @@ class ExpertChoiceRouter(LinearGateRouter):
         return min(num_tokens, max(1, math.ceil(round(num_tokens * factor / self.num_experts, 9))))
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
-        logits_TE = self.router_logits(x_TD)
+        logits_TE = self.logits(x_TD, ctx)
+        mask_T = ctx.flat_mask(x_TD.shape[0], x_TD.device) if ctx is not None else None
         if not self.training and self.eval_routing == "token_choice":
-            return softmax_topk_routing(logits_TE, self.top_k, renormalise=False)
+            routing = softmax_topk_routing(logits_TE, self.top_k, renormalise=False)
+            routing.token_mask = mask_T
+            return routing
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        capacity = self.capacity(logits_TE.shape[0])
-        weights_EC, token_EC = torch.topk(probs_TE.t(), capacity, dim=1)
+        # experts choose among the real tokens only: padding takes no capacity (and gets no expert)
+        real_R = real_token_ids(mask_T, logits_TE.shape[0], logits_TE.device)
+        probs_RE = probs_TE if real_R is None else probs_TE[real_R]
+        capacity = self.capacity(probs_RE.shape[0])
+        weights_EC, token_EC = torch.topk(probs_RE.t(), capacity, dim=1)
+        if real_R is not None:
+            token_EC = real_R[token_EC]
         expert_EC = torch.arange(self.num_experts, device=x_TD.device)[:, None].expand_as(token_EC)
         return Routing(token_ids=token_EC.reshape(-1), expert_ids=expert_EC.reshape(-1),
                        weights=weights_EC.reshape(-1), num_tokens=logits_TE.shape[0],
-                       num_experts=self.num_experts, logits=logits_TE, probs=probs_TE)
+                       num_experts=self.num_experts, logits=logits_TE, probs=probs_TE, token_mask=mask_T)

@@ -13,7 +13,7 @@ token ``j`` and ``A`` a row-stochastic token graph, both routers here use::
 
 - ``similarity`` (Similarity-Aware SMoE): ``A = softmax_row(X W_s X^T / tau)`` with a learned ``W_s [D, D]``.
 - ``attention`` (Attention-Aware SMoE): ``A`` is the attention matrix of the attention layer just before the MoE
-  layer, averaged over heads; the model supplies it (see :data:`ATTENTION_KEY`).
+  layer, averaged over heads; the model supplies it in ``ctx.attention_probs``.
 
 What was verified: the arXiv id, title, authors and abstract. The formulas above are the reconstruction of
 moekit's working notes (PAPERS.md item 8, marked [recon]); the paper's equations and the authors' code could
@@ -23,9 +23,8 @@ causal (``A_ij = 0`` for ``j > i``): the similarity router masks later tokens it
 default), the model's attention matrix is causal already, so no token's route depends on later tokens.
 
 Incremental decoding: ``P_i`` needs the scores (and, for ``similarity``, the router inputs) of earlier
-positions. When the model passes its KV cache in ``RoutingContext.extras`` (:data:`CACHE_KEY`,
-:data:`START_POS_KEY`) the routers store them there per layer, so cached decoding routes exactly as a full
-forward. Without a cache each call is one self-contained set of sequences (``ctx.batch_shape``; a flat input
+positions. When the model passes its KV cache (``RoutingContext.kv_cache`` and ``start_pos``) the routers
+store them there per layer, so cached decoding routes exactly as a full forward. Without a cache each call is one self-contained set of sequences (``ctx.batch_shape``; a flat input
 is one sequence).
 
 Legend: T tokens, B sequences, L positions of this call, S positions attended (cache included), D model width,
@@ -42,18 +41,6 @@ from . import register
 from .base import Routing, RoutingContext
 from .topk import TopKRouter
 
-#: ``ctx.extras`` key of the head-averaged attention probabilities ``[B, L, S]`` of the attention layer that
-#: precedes the MoE layer (rows sum to one; ``S`` counts cached positions too). Set by the model for routers
-#: with ``needs_attention = True``.
-ATTENTION_KEY = "attention_probs"
-#: ``ctx.extras`` key of the model's KV cache: an object with
-#: ``update_routing(layer, name, value_BLX, start_pos) -> value_BSX`` that stores per-layer, per-position
-#: routing state and returns the stored earlier positions followed by ``value_BLX``.
-CACHE_KEY = "kv_cache"
-#: ``ctx.extras`` key of the position of the first token of this call (with :data:`CACHE_KEY`).
-START_POS_KEY = "start_pos"
-
-
 class _GraphRouter(TopKRouter):
     """Top-k routing on ``P = A softmax(logits)`` for a token graph ``A`` given by :meth:`mix_scores`.
 
@@ -62,16 +49,14 @@ class _GraphRouter(TopKRouter):
     ``P``; the z-loss uses the raw logits).
     """
 
-    needs_attention = False
-
     @staticmethod
     def _with_past(ctx: RoutingContext, name: str, value_BLX: torch.Tensor) -> tuple[torch.Tensor, int]:
         """``value_BLX`` preceded by the cached earlier positions (and stored for later calls) when the model
         passed a KV cache; returns the values and the number of earlier positions."""
-        cache = ctx.extras.get(CACHE_KEY)
+        cache = ctx.kv_cache
         if cache is None:
             return value_BLX, 0
-        start = int(ctx.extras.get(START_POS_KEY, 0))
+        start = int(ctx.start_pos)
         layer = -1 if ctx.layer_index is None else ctx.layer_index
         return cache.update_routing(layer, name, value_BLX, start), start
 
@@ -129,7 +114,7 @@ class AttentionRouter(_GraphRouter):
     Tokens", ICML 2025, arXiv:2505.00792): top-k of ``P = A softmax(x W_g^T)`` with ``A`` the head-averaged
     attention probabilities of the preceding attention layer.
 
-    The caller supplies ``A`` as ``ctx.extras[ATTENTION_KEY]``, shape ``[B, L, S]`` (``S >= L``; the last
+    The caller supplies ``A`` as ``ctx.attention_probs``, shape ``[B, L, S]`` (``S >= L``; the last
     ``L`` key positions are this call's tokens, earlier ones come from the KV cache, whose scores the router
     stored in earlier calls). :class:`moekit.model.MoELM` does so for every MoE layer whose router has
     ``needs_attention = True``; its attention is causal, so the routing is. Options: every
@@ -139,23 +124,23 @@ class AttentionRouter(_GraphRouter):
     needs_attention = True
 
     def mix_scores(self, x_TD: torch.Tensor, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        graph_BLS = ctx.extras.get(ATTENTION_KEY)
+        graph_BLS = ctx.attention_probs
         if graph_BLS is None:
-            raise ValueError(f"router 'attention' needs the preceding attention layer's head-averaged attention "
-                             f"probabilities [B, L, S] in ctx.extras[{ATTENTION_KEY!r}]; moekit.model.MoELM "
-                             f"supplies them, a standalone moekit.MoE needs them passed in its RoutingContext")
+            raise ValueError("router 'attention' needs the preceding attention layer's head-averaged attention "
+                             "probabilities [B, L, S] in ctx.attention_probs; moekit.model.MoELM supplies them, "
+                             "a standalone moekit.MoE needs them passed in its RoutingContext")
         num_tokens = x_TD.shape[0]
         if graph_BLS.dim() == 2:
             graph_BLS = graph_BLS.unsqueeze(0)
         B, L, S = graph_BLS.shape
         if B * L != num_tokens or S < L:
-            raise ValueError(f"ctx.extras[{ATTENTION_KEY!r}] has shape {tuple(graph_BLS.shape)}; expected "
+            raise ValueError(f"ctx.attention_probs has shape {tuple(graph_BLS.shape)}; expected "
                              f"[B, L, S] with B * L = {num_tokens} routed tokens and S >= L")
         scores_BSE, past = self._with_past(ctx, "attention.scores", scores_TE.reshape(B, L, -1))
         if scores_BSE.shape[1] != S:
             raise ValueError(f"the attention matrix covers {S} key positions, but the router has scores for "
                              f"{scores_BSE.shape[1]} ({past} cached + {L} new); pass the model's KV cache in "
-                             f"ctx.extras[{CACHE_KEY!r}] when attending to earlier positions")
+                             "ctx.kv_cache when attending to earlier positions")
         return (graph_BLS.float() @ scores_BSE).reshape(num_tokens, -1)
 
 

@@ -93,6 +93,7 @@ class HashRouter(Router):
     """
 
     learned = False
+    has_logits = False  # no gate, no logits, no logit offset
     balances_itself = True  # uniform in expectation over token ids; no balancing method applies
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, seed: int = 0):
@@ -157,4 +158,5 @@ class HashRouter(Router):
                              f"{num_tokens} tokens")
         topk_ids_TK = self.expert_ids(ids.reshape(-1).to(x_TD.device))
         topk_weights_TK = torch.full(topk_ids_TK.shape, 1.0 / self.top_k, dtype=torch.float32, device=x_TD.device)
-        return Routing.from_topk(topk_ids_TK, topk_weights_TK, self.num_experts)
+        return Routing.from_topk(topk_ids_TK, topk_weights_TK, self.num_experts,
+                                 token_mask=ctx.flat_mask(num_tokens, x_TD.device))

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import register
-from .base import Router, Routing, RoutingContext
+from .base import Router, Routing, RoutingContext, recomputing
 
 __all__ = ["MixERRouter", "kmeans", "least_squares_gate"]
 
@@ -100,7 +100,8 @@ class MixERRouter(Router):
     (k-means++ seeding and the initial random projection). :meth:`fit` fits on given contexts directly.
     """
 
-    learned = False  # not trained by gradient; fitted in end_step
+    learned = False  # not trained by gradient; fitted in end_step (so Router makes weight and bias buffers)
+    gate_bias = True
     balances_itself = False
     data_parallel_note = ("fits its gate on the contexts of its own process: ranks would diverge (gather the "
                           "contexts first; not built)")
@@ -120,8 +121,7 @@ class MixERRouter(Router):
         self.ridge = float(ridge)
         self.seed = seed
         generator = torch.Generator().manual_seed(seed)
-        self.register_buffer("weight", torch.randn(num_experts, dim, generator=generator) / dim ** 0.5)
-        self.register_buffer("bias", torch.zeros(num_experts))
+        self.weight.copy_(torch.randn(num_experts, dim, generator=generator) / dim ** 0.5)  # gate buffers: Router
         self.register_buffer("centroids", torch.zeros(num_experts, dim))
         self.register_buffer("num_fits", torch.zeros((), dtype=torch.int64))
         self.register_buffer("contexts", torch.zeros(0, dim), persistent=False)
@@ -150,16 +150,17 @@ class MixERRouter(Router):
         self._filled = min(self._filled + count, self.buffer_size)
 
     def scores(self, x_TD: torch.Tensor) -> torch.Tensor:
-        """Least-squares gate scores ``[T, E]`` (float32)."""
-        return torch.nn.functional.linear(x_TD.float(), self.weight.float(), self.bias.float())
+        """Least-squares gate scores ``[T, E]`` (float32): :meth:`Router.logits`, plus the logit offset."""
+        return self.logits(x_TD)
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
-        if self.training:
-            self._record(x_TD)
-        scores_TE = self.scores(x_TD.detach())
+        mask_T = ctx.flat_mask(x_TD.shape[0], x_TD.device) if ctx is not None else None
+        if self.training and not recomputing():  # a checkpoint's recomputation must not buffer its tokens again
+            self._record(x_TD if mask_T is None else x_TD[mask_T])  # contexts of real tokens only
+        scores_TE = self.logits(x_TD.detach(), ctx)
         topk_ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
         weights_TK = torch.full(topk_ids_TK.shape, 1.0 / self.top_k, dtype=torch.float32, device=x_TD.device)
-        return Routing.from_topk(topk_ids_TK, weights_TK, self.num_experts, logits=scores_TE)
+        return Routing.from_topk(topk_ids_TK, weights_TK, self.num_experts, logits=scores_TE, token_mask=mask_T)
 
     @torch.no_grad()
     def fit(self, contexts_ND: torch.Tensor) -> torch.Tensor:

@@ -39,19 +39,35 @@ def entropy(p_XE: torch.Tensor) -> torch.Tensor:
     return -(p_XE * p_XE.clamp_min(tiny).log()).sum(dim=-1)
 
 
-def mi_loss(probs_TE: torch.Tensor) -> torch.Tensor:
-    """``-H(E) + H(E|X)``: ``H`` of the batch-mean distribution ``p(e)`` minus the mean per-token entropy.
+def _real_probs(probs_TE: torch.Tensor, token_mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """float32 probabilities with masked rows zeroed, and the number of real rows."""
+    probs_TE = probs_TE.float()
+    if token_mask is None:
+        return probs_TE, probs_TE.shape[0]
+    real_T = token_mask.to(probs_TE.device).bool().reshape(-1)
+    return probs_TE.masked_fill(~real_T[:, None], 0.0), int(real_T.sum())
+
+
+def mi_loss(probs_TE: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``-H(E) + H(E|X)``: ``H`` of the batch-mean distribution ``p(e)`` minus the mean per-token entropy,
+    both over the real tokens (``token_mask``, None = all); 0 without tokens.
 
     Ranges over ``[-log E, log E]``; ``-log E`` when every token picks one expert with certainty and the
     experts are used equally.
     """
-    probs_TE = probs_TE.float()
-    return -entropy(probs_TE.mean(dim=0)) + entropy(probs_TE).mean()
+    probs_TE, count = _real_probs(probs_TE, token_mask)
+    if count == 0:
+        return probs_TE.sum() * 0.0
+    return -entropy(probs_TE.sum(dim=0) / count) + entropy(probs_TE).sum() / count
 
 
-def concentration_loss(probs_TE: torch.Tensor) -> torch.Tensor:
-    """``H(E)``: the entropy of the batch-mean routing distribution (0 when every token uses one expert)."""
-    return entropy(probs_TE.float().mean(dim=0))
+def concentration_loss(probs_TE: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """``H(E)``: the entropy of the mean routing distribution of the real tokens (0 when every token uses one
+    expert, and without tokens)."""
+    probs_TE, count = _real_probs(probs_TE, token_mask)
+    if count == 0:
+        return probs_TE.sum() * 0.0
+    return entropy(probs_TE.sum(dim=0) / count)
 
 
 @register("moduleformer")
@@ -99,5 +115,5 @@ class ModuleFormerRouter(TopKRouter):
         losses = super()._aux_losses(routing, ctx)
         if self.coef > 0:
             loss_fn = mi_loss if self.balance == "mi" else concentration_loss
-            losses[self.balance] = self.coef * loss_fn(routing.probs)
+            losses[self.balance] = self.coef * loss_fn(routing.probs, routing.token_mask)
         return losses

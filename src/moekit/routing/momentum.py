@@ -31,12 +31,14 @@ post-norm blocks add the residual twice (``norm(h + (h - moment))``); moekit's b
 once. The paper's own equations could not be read here beyond the abstract, so equation numbers are not cited.
 
 How the model uses these routers: routing is plain token-choice top-k (every :class:`TopKRouter` option works).
-The router carries :meth:`MomentumRouter.residual_update`; :class:`moekit.model.layers.DecoderLayer` calls it
-with the MoE output and ``RoutingContext.extras`` (the dict the model creates for one forward call and shares
-between its layers) and adds what it returns to the residual stream instead of the MoE output. The momentum
-lives in that dict, never on the module, so every call starts from ``p_0 = 0``. The recursion runs along the
-depth of the network for each token separately, so incremental decoding with a KV cache gives the same result
-as a full forward. Used on its own (``moekit.MoE`` outside the decoder) the layer is a plain top-k MoE.
+The router carries :meth:`MomentumRouter.residual_update` (and ``updates_residual = True``);
+:class:`moekit.model.layers.DecoderLayer` calls it with the MoE output and the layer's
+:class:`~moekit.routing.base.RoutingContext` and adds what it returns to the residual stream instead of the MoE
+output. The momentum lives in ``ctx.momentum`` (a :class:`~moekit.routing.base.MomentumState` the model creates
+for one forward call and shares between its layers), never on the module, so every call starts from ``p_0 = 0``.
+The recursion runs along the depth of the network for each token separately, so incremental decoding with a KV
+cache gives the same result as a full forward. Used on its own (``moekit.MoE`` outside the decoder) the layer is
+a plain top-k MoE.
 
 Legend: B batch, L sequence length, D model width.
 """
@@ -47,13 +49,14 @@ import math
 import torch
 
 from . import register
+from .base import MomentumState, RoutingContext
 from .topk import TopKRouter
 
 
 def _check_state(name: str, state: torch.Tensor | None, f: torch.Tensor) -> None:
     if state is not None and state.shape != f.shape:
-        raise ValueError(f"momentum state {name!r} in RoutingContext.extras has shape {tuple(state.shape)}, but the "
-                         f"MoE output has shape {tuple(f.shape)}: one extras dict must serve one forward call")
+        raise ValueError(f"momentum state {name!r} in RoutingContext.momentum has shape {tuple(state.shape)}, but "
+                         f"the MoE output has shape {tuple(f.shape)}: one MomentumState must serve one forward call")
 
 
 @register("momentum")
@@ -65,7 +68,7 @@ class MomentumRouter(TopKRouter):
     :class:`~moekit.routing.topk.TopKRouter` option. See the module docstring for the verified update rule.
     """
 
-    state_key = "momentum.p"
+    updates_residual = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, mu: float = 0.7, gamma: float = 1.0,
                  **topk_options):
@@ -80,17 +83,17 @@ class MomentumRouter(TopKRouter):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, mu={self.mu}, gamma={self.gamma}"
 
-    def _heavy_ball(self, f: torch.Tensor, extras: dict) -> torch.Tensor:
-        p_prev = extras.get(self.state_key)
-        _check_state(self.state_key, p_prev, f)
+    def _heavy_ball(self, f: torch.Tensor, state: MomentumState) -> torch.Tensor:
+        p_prev = state.p
+        _check_state("p", p_prev, f)
         p = self.gamma * f if p_prev is None else self.mu * p_prev + self.gamma * f
-        extras[self.state_key] = p
+        state.p = p
         return p
 
-    def residual_update(self, f: torch.Tensor, extras: dict) -> torch.Tensor:
+    def residual_update(self, f: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """What the decoder adds to the residual stream for MoE output ``f`` (``[..., D]``): the new momentum
-        ``p_l``, kept in ``extras`` for the next MoE layer of the same forward call."""
-        return self._heavy_ball(f, extras)
+        ``p_l``, kept in ``ctx.momentum`` for the next MoE layer of the same forward call."""
+        return self._heavy_ball(f, ctx.momentum)
 
 
 @register("adam")
@@ -104,9 +107,6 @@ class AdamRouter(MomentumRouter):
     (1; None = every MoE layer), the heavy-ball ``mu``/``gamma`` of :class:`MomentumRouter`, and every
     :class:`~moekit.routing.topk.TopKRouter` option. The moments are kept in float32.
     """
-
-    moments_key = "adam.moments"
-    count_key = "adam.layers_seen"
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, beta1: float = 0.9, beta2: float = 0.999,
                  eps: float = 1e-8, adam_gamma: float = 1.0, adam_layers: int | None = 1, **options):
@@ -130,22 +130,22 @@ class AdamRouter(MomentumRouter):
         return (f"{super().extra_repr()}, beta1={self.beta1}, beta2={self.beta2}, adam_gamma={self.adam_gamma}, "
                 f"adam_layers={self.adam_layers}")
 
-    def residual_update(self, f: torch.Tensor, extras: dict) -> torch.Tensor:
+    def residual_update(self, f: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         """The Adam step ``adam_gamma m / sqrt(v + eps)`` in the first ``adam_layers`` MoE layers of the call,
         the heavy-ball momentum afterwards (accumulated from the first layer on)."""
-        index = extras.get(self.count_key, 0)
-        extras[self.count_key] = index + 1
-        p = self._heavy_ball(f, extras)
+        state = ctx.momentum
+        index = state.adam_layers_seen
+        state.adam_layers_seen = index + 1
+        p = self._heavy_ball(f, state)
         if self.adam_layers is not None and index >= self.adam_layers:
             return p
         f32 = f.float()
-        moments = extras.get(self.moments_key)
-        if moments is None:
+        if state.m is None:
             m = (1.0 - self.beta1) * f32
             v = (1.0 - self.beta2) * f32 * f32
         else:
-            _check_state(self.moments_key, moments[0], f)
-            m = self.beta1 * moments[0] + (1.0 - self.beta1) * f32
-            v = self.beta2 * moments[1] + (1.0 - self.beta2) * f32 * f32
-        extras[self.moments_key] = (m, v)
+            _check_state("m", state.m, f)
+            m = self.beta1 * state.m + (1.0 - self.beta1) * f32
+            v = self.beta2 * state.v + (1.0 - self.beta2) * f32 * f32
+        state.m, state.v = m, v
         return (self.adam_gamma * m / torch.sqrt(v + self.eps)).to(f.dtype)

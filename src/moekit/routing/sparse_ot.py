@@ -41,8 +41,8 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from ._common import EVAL_ROUTINGS, LinearGateRouter, check_choice, check_positive, softmax_topk_routing
-from .base import Routing, RoutingContext
+from ._common import EVAL_ROUTINGS, check_choice, check_positive, real_token_ids, softmax_topk_routing
+from .base import Router, Routing, RoutingContext
 
 
 def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -192,7 +192,7 @@ def differentiable_masses(logits_TE: torch.Tensor, solution: SparseOTSolution, b
 
 
 @register("sparse_ot")
-class SparseOTRouter(LinearGateRouter):
+class SparseOTRouter(Router):
     """Routing by sparsity-constrained OT: each expert takes at most ``max_tokens_per_expert`` tokens.
 
     The plan moves mass K from every token to the experts, ``T * K / E`` to every expert, minimising
@@ -243,18 +243,32 @@ class SparseOTRouter(LinearGateRouter):
         return max(1, min(k, num_tokens))
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
-        logits_TE = self.router_logits(x_TD)
+        logits_TE = self.logits(x_TD, ctx)
+        mask_T = ctx.flat_mask(x_TD.shape[0], x_TD.device) if ctx is not None else None
         num_tokens = logits_TE.shape[0]
-        if (not self.training and self.eval_routing == "token_choice") or num_tokens == 0:
-            return softmax_topk_routing(logits_TE, self.top_k, renormalise=True)
-        a_T = logits_TE.new_full((num_tokens,), float(self.top_k), dtype=torch.float64)
-        b_E = logits_TE.new_full((self.num_experts,), num_tokens * self.top_k / self.num_experts,
+        # the transport problem is over the real tokens only: padding carries no mass and gets no expert
+        real_R = real_token_ids(mask_T, num_tokens, logits_TE.device)
+        num_real = num_tokens if real_R is None else real_R.numel()
+        if (not self.training and self.eval_routing == "token_choice") or num_real == 0:
+            routing = softmax_topk_routing(logits_TE, self.top_k, renormalise=True)
+            if self.training or self.eval_routing != "token_choice":  # no real token: nothing is routed
+                routing = Routing(token_ids=routing.token_ids[:0], expert_ids=routing.expert_ids[:0],
+                                  weights=routing.weights[:0], num_tokens=num_tokens, num_experts=self.num_experts,
+                                  logits=logits_TE, probs=routing.probs)
+            routing.token_mask = mask_T
+            return routing
+        logits_RE = logits_TE if real_R is None else logits_TE[real_R]
+        a_R = logits_TE.new_full((num_real,), float(self.top_k), dtype=torch.float64)
+        b_E = logits_TE.new_full((self.num_experts,), num_real * self.top_k / self.num_experts,
                                  dtype=torch.float64)
         with torch.no_grad():
-            solution = solve_sparse_ot(logits_TE, a_T, b_E, self.tokens_per_expert(num_tokens), self.gamma,
+            solution = solve_sparse_ot(logits_RE, a_R, b_E, self.tokens_per_expert(num_real), self.gamma,
                                        self.max_evals, self.tol)
-        token_S, expert_S, mass_S = differentiable_masses(logits_TE, solution, b_E, self.gamma)
-        row_T = mass_S.new_zeros(num_tokens).index_add(0, token_S, mass_S)
-        weights_S = (mass_S / row_T[token_S]).float()
+        token_S, expert_S, mass_S = differentiable_masses(logits_RE, solution, b_E, self.gamma)
+        row_R = mass_S.new_zeros(num_real).index_add(0, token_S, mass_S)
+        weights_S = (mass_S / row_R[token_S]).float()
+        if real_R is not None:
+            token_S = real_R[token_S]
         return Routing(token_ids=token_S, expert_ids=expert_S, weights=weights_S, num_tokens=num_tokens,
-                       num_experts=self.num_experts, logits=logits_TE, probs=torch.softmax(logits_TE, dim=-1))
+                       num_experts=self.num_experts, logits=logits_TE, probs=torch.softmax(logits_TE, dim=-1),
+                       token_mask=mask_T)

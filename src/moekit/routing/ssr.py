@@ -33,8 +33,9 @@ from __future__ import annotations
 import torch
 
 from . import register
-from ._common import LinearGateRouter, check_choice, check_positive, softmax_topk_routing, topk_renormalised_routing
-from .base import Routing, RoutingContext
+from ._common import (check_choice, check_positive, merge_topk_rows, real_token_ids, softmax_topk_routing,
+                      topk_renormalised_routing)
+from .base import Router, Routing, RoutingContext, recomputing
 from .sinkhorn import balanced_marginals, log_sinkhorn
 
 COSTS = ("softmax", "logits")
@@ -48,7 +49,7 @@ def ssr_log_plan(logits_TE: torch.Tensor, epsilon: float, cost: str, n_iters: in
 
 
 @register("ssr")
-class SelectiveSinkhornRouter(LinearGateRouter):
+class SelectiveSinkhornRouter(Router):
     """Softmax top-k routing; on a fraction ``sinkhorn_prob`` of training calls, top-k of a balanced OT plan.
 
     On a Sinkhorn call the gate weights are the plan entries renormalised over the K chosen experts and carry
@@ -101,15 +102,27 @@ class SelectiveSinkhornRouter(LinearGateRouter):
         return self.sinkhorn_prob == 1.0 or torch.rand(()).item() < self.sinkhorn_prob
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
-        logits_TE = self.router_logits(x_TD)
-        if self.training:
+        logits_TE = self.logits(x_TD, ctx)
+        mask_T = ctx.flat_mask(x_TD.shape[0], x_TD.device) if ctx is not None else None
+        again = recomputing()  # a checkpoint's recomputation counts no call (its draw repeats: RNG restored)
+        if self.training and not again:
             self.train_calls += 1
-        if not self._use_sinkhorn() or logits_TE.shape[0] == 0:
-            return softmax_topk_routing(logits_TE, self.top_k, renormalise=True)
-        self.sinkhorn_calls += 1
-        log_plan_TE = ssr_log_plan(logits_TE, self.epsilon, self.cost, self.n_iters, self.tol)
-        return topk_renormalised_routing(log_plan_TE, self.top_k, self.num_experts, logits=logits_TE,
-                                         probs=torch.softmax(logits_TE, dim=-1))
+        fallback = softmax_topk_routing(logits_TE, self.top_k, renormalise=True)
+        fallback.token_mask = mask_T
+        real_R = real_token_ids(mask_T, logits_TE.shape[0], logits_TE.device)
+        num_real = logits_TE.shape[0] if real_R is None else real_R.numel()
+        if not self._use_sinkhorn() or num_real == 0:
+            return fallback
+        if not again:
+            self.sinkhorn_calls += 1
+        # the transport problem is over the real tokens; padding keeps the softmax top-k fallback
+        plan_logits_RE = logits_TE if real_R is None else logits_TE[real_R]
+        log_plan_RE = ssr_log_plan(plan_logits_RE, self.epsilon, self.cost, self.n_iters, self.tol)
+        planned = topk_renormalised_routing(log_plan_RE, self.top_k, self.num_experts, logits=logits_TE,
+                                            probs=fallback.probs, token_mask=mask_T)
+        if real_R is None:
+            return planned
+        return merge_topk_rows(fallback, real_R, planned.topk_ids, planned.topk_weights)
 
     def balancing_state(self) -> dict:
         return {"sinkhorn_calls": self.sinkhorn_calls, "train_calls": self.train_calls}

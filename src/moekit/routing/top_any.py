@@ -101,7 +101,9 @@ class TopAnyRouter(TopKRouter):
         fallback_TK = F.one_hot(score_TK.argmax(dim=-1), self.top_k).bool()
         keep_TK = torch.where(empty_T[:, None], fallback_TK, keep_TK)
         self.last_keep_mask = keep_TK
-        self.last_skipped_fraction = 1.0 - keep_TK.float().mean()
+        real_keep = keep_TK if base.token_mask is None else keep_TK[base.token_mask]  # real tokens only
+        self.last_skipped_fraction = (1.0 - real_keep.float().mean() if real_keep.numel()
+                                      else torch.zeros((), device=keep_TK.device))
 
         if self.training:
             mask_TK = keep_TK.float() - soft_TK.detach() + soft_TK  # straight-through: value 0/1, grad of soft
@@ -113,14 +115,18 @@ class TopAnyRouter(TopKRouter):
                                                  / kept_weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20))
         if self.training:
             routing = Routing.from_topk(topk_ids_TK, kept_weights_TK, self.num_experts, logits=base.logits,
-                                        probs=base.probs)
+                                        probs=base.probs, token_mask=base.token_mask)
             routing.aux_losses = dict(base.aux_losses)
             if self.sparsity_coef > 0:
                 # a mean over the batch's slots (the global batch's under data parallelism: this rank's share)
+                # over the real tokens' slots (base.token_mask; batch_tokens counts real tokens only)
                 slots = self.batch_tokens * self.top_k
-                routing.aux_losses["keep"] = self.sparsity_coef * torch.sigmoid(logits_TK).sum() / max(slots, 1)
+                keep_prob_TK = torch.sigmoid(logits_TK)
+                if base.token_mask is not None:
+                    keep_prob_TK = keep_prob_TK.masked_fill(~base.token_mask[:, None], 0.0)
+                routing.aux_losses["keep"] = self.sparsity_coef * keep_prob_TK.sum() / max(slots, 1)
             return routing
         token_ids, slot_ids = keep_TK.nonzero(as_tuple=True)
         return Routing(token_ids=token_ids, expert_ids=topk_ids_TK[token_ids, slot_ids],
                        weights=kept_weights_TK[token_ids, slot_ids], num_tokens=base.num_tokens,
-                       num_experts=self.num_experts, logits=base.logits, probs=base.probs)
+                       num_experts=self.num_experts, logits=base.logits, probs=base.probs, token_mask=base.token_mask)

@@ -11,8 +11,9 @@ Legend: T tokens, D model width, E experts, K experts per token, G expert groups
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
-import torch.nn.functional as F
 
 from .. import balance
 from . import register
@@ -56,12 +57,14 @@ class TopKRouter(Router):
 
     Options:
         score_func: ``"softmax"`` (default) or ``"sigmoid"``.
-        norm_topk: renormalise the K selected weights to sum to one (Mixtral: True, OLMoE: False).
+        norm_topk: renormalise the K selected weights to sum to one (Mixtral: True, OLMoE: False). With
+            ``top_k=1`` this makes every weight 1 (times ``scaling_factor``) and the router gets no gradient
+            from the task loss: a ``UserWarning`` at construction.
         scaling_factor: multiply the gate weights (DeepSeek-V3's ``routed_scaling_factor``).
         num_groups, topk_groups: group-limited selection (DeepSeek-V3): keep the ``topk_groups`` best of
             ``num_groups`` equal expert groups, then take the top-k inside them. ``num_groups=1`` disables it.
         jitter: multiplicative uniform noise ``x * U(1-jitter, 1+jitter)`` on the router input in training
-            (Switch Transformers, section 2.4); 0 disables it.
+            (Switch Transformers, section 2.4; applied by :meth:`Router.logits`); 0 disables it.
         aux_loss: ``"switch"`` (default), ``"sequence"``, ``"global"`` or None; ``aux_loss_coef`` its weight.
         z_loss_coef: weight of the router z-loss (0 disables it).
         bias_update: auxiliary-loss-free bias rule ``"sign"``, ``"proportional"``, ``"decaying"`` or None;
@@ -98,7 +101,7 @@ class TopKRouter(Router):
         bias_update: str | None = None,
         bias_update_rate: float = 1e-3,
     ):
-        super().__init__(dim, num_experts, top_k)
+        super().__init__(dim, num_experts, top_k, jitter=jitter)
         if score_func not in SCORE_FUNCS:
             raise ValueError(f"score_func must be one of {SCORE_FUNCS}, got {score_func!r}")
         if not isinstance(num_groups, int) or num_groups < 1 or num_experts % num_groups:
@@ -109,8 +112,6 @@ class TopKRouter(Router):
             raise ValueError(
                 f"topk_groups={topk_groups} groups of {num_experts // num_groups} experts hold fewer than top_k={top_k}"
             )
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"jitter must be in [0, 1), got {jitter!r}")
         if aux_loss is not None and aux_loss not in balance.AUX_LOSSES:
             raise ValueError(f"aux_loss must be one of {balance.AUX_LOSSES} or None, got {aux_loss!r}")
         if bias_update is not None and bias_update not in balance.BIAS_RULES:
@@ -121,19 +122,20 @@ class TopKRouter(Router):
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if not scaling_factor > 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor!r}")
+        if top_k == 1 and norm_topk:
+            warnings.warn(f"{type(self).__name__}: top_k=1 with norm_topk=True makes every gate weight "
+                          f"{scaling_factor:g}, so the task loss sends no gradient to the router (only the "
+                          "auxiliary losses train it); use norm_topk=False with top_k=1", UserWarning, stacklevel=2)
         self.score_func = score_func
         self.norm_topk = norm_topk
         self.scaling_factor = float(scaling_factor)
         self.num_groups = num_groups
         self.topk_groups = topk_groups
-        self.jitter = float(jitter)
         self.aux_loss_kind = aux_loss
         self.aux_loss_coef = float(aux_loss_coef)
         self.z_loss_coef = float(z_loss_coef)
         self.bias_update = bias_update
         self.bias_update_rate = float(bias_update_rate)
-        self.weight = torch.nn.Parameter(torch.empty(num_experts, dim))
-        torch.nn.init.normal_(self.weight, std=0.02)
         if bias_update is not None:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
         self.load = balance.LoadAccumulator(num_experts)
@@ -149,11 +151,7 @@ class TopKRouter(Router):
 
     def forward(self, x_TD: torch.Tensor, ctx: RoutingContext | None = None) -> Routing:
         ctx = ctx if ctx is not None else RoutingContext()
-        router_in_TD = x_TD
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            router_in_TD = x_TD * noise
-        logits_TE = F.linear(router_in_TD.float(), self.weight.float())
+        logits_TE = self.logits(x_TD, ctx)
         scores_TE = self.mix_scores(x_TD, scores_from_logits(logits_TE, self.score_func), ctx)
         return self.select(scores_TE, logits_TE, ctx)
 
@@ -177,34 +175,45 @@ class TopKRouter(Router):
         if self.scaling_factor != 1.0:
             topk_weights_TK = topk_weights_TK * self.scaling_factor
         probs_TE = probs_from_scores(scores_TE, self.score_func)
-        routing = Routing.from_topk(topk_ids_TK, topk_weights_TK, self.num_experts, logits=logits_TE, probs=probs_TE)
+        routing = Routing.from_topk(topk_ids_TK, topk_weights_TK, self.num_experts, logits=logits_TE, probs=probs_TE,
+                                    token_mask=ctx.flat_mask(scores_TE.shape[0], scores_TE.device))
         if self.training:
             routing.aux_losses = self._aux_losses(routing, ctx)
         return routing
 
     def _aux_losses(self, routing: Routing, ctx: RoutingContext | None) -> dict[str, torch.Tensor]:
+        """Balancing losses of a training call, over the real tokens only (``routing.token_mask``): padding
+        counts neither in the losses nor in the load the global-batch loss and the selection bias use."""
         losses: dict[str, torch.Tensor] = {}
-        counts_E = routing.tokens_per_expert()
-        num_sequences, _ = (ctx or RoutingContext()).sequences(routing.num_tokens)
-        total_tokens, total_sequences = routing.num_tokens, num_sequences
+        mask_T = routing.token_mask
+        counts_E = routing.real_counts()
+        num_rows, seq_len = (ctx or RoutingContext()).sequences(routing.num_tokens)
+        num_tokens = routing.num_real_tokens()
+        if routing.num_tokens == 0 or seq_len == 0:
+            num_sequences = 0
+        elif mask_T is None:
+            num_sequences = num_rows
+        else:
+            num_sequences = int(mask_T.reshape(num_rows, seq_len).any(dim=1).sum())
+        total_tokens, total_sequences = num_tokens, num_sequences
         if self.data_group is not None:  # global-batch losses: this rank's share of them
             counts_E, total_tokens, total_sequences = balance.global_counts(
-                counts_E, routing.num_tokens, num_sequences, self.data_group)
+                counts_E, num_tokens, num_sequences, self.data_group)
         self.batch_tokens = total_tokens  # for subclasses' own batch means
         track_load = self.bias_update is not None or self.aux_loss_kind == "global"
-        if track_load:
-            self.load.add(counts_E)
+        seen_E = self.load.update(counts_E) if track_load else None  # once per forward, not per recomputation
         kind = self.aux_loss_kind
         if kind == "switch":
-            losses["switch"] = self.aux_loss_coef * balance.switch_loss(routing.probs, counts_E, total_tokens)
+            losses["switch"] = self.aux_loss_coef * balance.switch_loss(routing.probs, counts_E, total_tokens,
+                                                                        token_mask=mask_T)
         elif kind == "sequence":
             losses["sequence"] = self.aux_loss_coef * balance.sequence_loss(
-                routing.probs, routing.topk_ids, num_sequences, total_sequences)
+                routing.probs, routing.topk_ids, num_rows, total_sequences, token_mask=mask_T)
         elif kind == "global":
-            losses["global"] = self.aux_loss_coef * balance.switch_loss(routing.probs, self.load.counts_E,
-                                                                        total_tokens)
+            losses["global"] = self.aux_loss_coef * balance.switch_loss(routing.probs, seen_E, total_tokens,
+                                                                        token_mask=mask_T)
         if self.z_loss_coef > 0:
-            losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits, total_tokens)
+            losses["z"] = self.z_loss_coef * balance.z_loss(routing.logits, total_tokens, token_mask=mask_T)
         return losses
 
     def balancing_state(self) -> dict:

@@ -10,7 +10,9 @@ Usage::
 
 A forward hook on each MoE layer reads ``layer.last_routing`` after the call and converts its flat
 ``(token_ids, expert_ids, weights)`` list into padded ``[T, K]`` rows, so any router (token choice, expert
-choice, thresholds) fits. Calls concatenate along the token axis.
+choice, thresholds) fits. Calls concatenate along the token axis. Tokens masked as padding
+(``RoutingContext.token_mask``, carried on the routing) are not recorded: they and their annotations
+(``annotate`` takes one value per token of the call, padding included) are left out of the trace.
 
 Legend: T tokens, K experts per token, E experts, S routed pairs.
 """
@@ -63,6 +65,7 @@ class _Call:
     logits_TE: torch.Tensor | None
     batch_shape: tuple[int, ...]
     num_experts: int
+    real_T: torch.Tensor | None = None  # the routing's token_mask: False = padding, left out of the trace
 
 
 def _pad_width(x: torch.Tensor, width: int, value) -> torch.Tensor:
@@ -106,7 +109,9 @@ class RoutingRecorder:
             if self.keep_logits and routing.logits is not None:
                 logits_TE = routing.logits.detach().to("cpu", self.logits_dtype)
             batch_shape = tuple(inputs[0].shape[:-1]) if inputs and isinstance(inputs[0], torch.Tensor) else ()
-            self._calls[index].append(_Call(experts_TK, weights_TK, logits_TE, batch_shape, routing.num_experts))
+            real_T = None if routing.token_mask is None else routing.token_mask.detach().to("cpu").bool()
+            self._calls[index].append(_Call(experts_TK, weights_TK, logits_TE, batch_shape, routing.num_experts,
+                                            real_T))
         return hook
 
     def close(self) -> None:
@@ -162,7 +167,18 @@ class RoutingRecorder:
                 if value.numel() != size:
                     raise ValueError(f"annotate(): {name} of call {i} has {value.numel()} entries for {size} tokens")
             out[name] = torch.cat(given)
+        keep = self._kept(self._calls[0])
+        if keep is not None:
+            out = {k: (v[keep] if v is not None else None) for k, v in out.items()}
         return out
+
+    @staticmethod
+    def _kept(calls: list[_Call]) -> torch.Tensor | None:
+        """``[T]`` bool over the calls' tokens: False for padding (None when no call had any)."""
+        if all(c.real_T is None or bool(c.real_T.all()) for c in calls):
+            return None
+        return torch.cat([c.real_T if c.real_T is not None else torch.ones(c.experts_TK.shape[0], dtype=torch.bool)
+                          for c in calls])
 
     def trace(self, domain_names: Sequence[str] = (), model: dict | None = None,
               source: dict | None = None) -> Trace:
@@ -178,9 +194,13 @@ class RoutingRecorder:
             raise ValueError(f"the MoE layers were called different numbers of times ({counts}); every recorded "
                              "layer must see every token")
         call_sizes = [c.experts_TK.shape[0] for c in self._calls[0]]
+        keep = self._kept(self._calls[0])
         for name, calls in zip(self.layer_names, self._calls):
             if [c.experts_TK.shape[0] for c in calls] != call_sizes:
                 raise ValueError(f"layer {name} saw a different number of tokens than {self.layer_names[0]}")
+            mine = self._kept(calls)
+            if (mine is None) != (keep is None) or (mine is not None and not torch.equal(mine, keep)):
+                raise ValueError(f"layer {name} saw a different token mask than {self.layer_names[0]}")
         if self.keep_logits:
             for name, calls in zip(self.layer_names, self._calls):
                 if any(c.logits_TE is None for c in calls):
@@ -190,12 +210,16 @@ class RoutingRecorder:
                                    for calls in self._calls])
         weights_LTK = torch.stack([torch.cat([_pad_width(c.weights_TK, width, 0.0) for c in calls])
                                    for calls in self._calls])
+        if keep is not None:  # padding is not recorded
+            experts_LTK, weights_LTK = experts_LTK[:, keep], weights_LTK[:, keep]
         per_layer = [calls[0].num_experts for calls in self._calls]
         num_experts = max(per_layer)
         logits_LTE = None
         if self.keep_logits:
             logits_LTE = torch.stack([torch.cat([_pad_width(c.logits_TE, num_experts, float("-inf")) for c in calls])
                                       for calls in self._calls])
+            if keep is not None:
+                logits_LTE = logits_LTE[:, keep]
         return Trace(experts=experts_LTK, weights=weights_LTK, num_experts=num_experts,
                      layer_names=self.layer_names, logits=logits_LTE, domain_names=list(domain_names),
                      num_experts_per_layer=per_layer, model={**self._model_info(), **(model or {})},

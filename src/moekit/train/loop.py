@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,8 +23,8 @@ from .. import balance
 from ..data import IGNORE_INDEX, Corpus, DomainBits, TrainBatches, load_corpus, unigram_baseline, val_batches
 from ..layer import aux_loss, end_step, moe_layers
 from ..model import MoELM, ModelConfig, param_counts
-from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, load_checkpoint, load_model_weights,
-                         read_run_config, save_checkpoint)
+from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, latest_step, load_checkpoint,
+                         load_model_weights, non_finite_tensors, read_run_config, save_checkpoint)
 from ..parallel import ExpertSharding, ParallelLayout, expert_parallel
 from .config import TrainConfig
 
@@ -30,7 +32,60 @@ LN2 = math.log(2.0)
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when the training loss stops being finite."""
+    """Raised when the training loss, or the weights after an update, stop being finite."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (``KeyboardInterrupt``) during :meth:`Trainer.fit`, after the checkpoint bookkeeping.
+
+    ``kept_step`` is the step of the checkpoint ``latest.json`` now points at (None: the run has none),
+    ``saved`` whether that checkpoint was written on the way out, ``step`` the trainer's step.
+    """
+
+    def __init__(self, step: int, kept_step: int | None, saved: bool):
+        super().__init__()
+        self.step, self.kept_step, self.saved = step, kept_step, saved
+
+    def describe(self) -> str:
+        if self.kept_step is None:
+            return "no checkpoint was saved (the run has none yet)"
+        if self.saved:
+            return f"checkpoint of step {self.kept_step} saved"
+        return f"the last checkpoint (step {self.kept_step}) is kept"
+
+
+class _DeferredSigint:
+    """While active, a first Ctrl-C (SIGINT) only sets ``pending``; the loop raises at the next step boundary,
+    where the state is that of a completed step. A second Ctrl-C raises at once. Active only in the main thread
+    of a single process whose SIGINT handler is Python's default (under torchrun the ranks could stop at
+    different steps and wait on each other forever)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.pending = False
+        self._previous = None
+
+    def __enter__(self):
+        if self.enabled and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.pending:
+            raise KeyboardInterrupt
+        self.pending = True
+        print("\nmoekit: Ctrl-C: stopping after this step (press Ctrl-C again to stop at once)", file=sys.stderr,
+              flush=True)
+
+    def check(self) -> None:
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        return False
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -97,15 +152,20 @@ def _layer_stats(model, layout: ParallelLayout | None = None) -> tuple[list[floa
     if counts and layout is not None and layout.world_size > 1:
         import torch.distributed as dist
 
-        stacked = torch.stack(counts).to(torch.int64)
-        dist.all_reduce(stacked, group=layout.data_group)
-        counts = list(stacked)
+        flat = torch.cat(counts).to(torch.int64)  # one all-reduce; layers may differ in expert count
+        dist.all_reduce(flat, group=layout.data_group)
+        counts = list(flat.split([c.numel() for c in counts]))
     return [balance.max_violation(c) for c in counts], [c.tolist() for c in counts]
 
 
-def new_run_config(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str | None) -> dict:
-    return {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_cfg.to_dict(),
-            "train": asdict(train_cfg), "data": {"path": data}}
+def new_run_config(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str | None,
+                   plugins: list[str] | None = None) -> dict:
+    """The ``config.json`` of a new run; ``plugins`` lists the plugin files (absolute paths) its routers need."""
+    cfg = {"format": RUN_FORMAT, "version": RUN_VERSION, "model": model_cfg.to_dict(),
+           "train": asdict(train_cfg), "data": {"path": data}}
+    if plugins:
+        cfg["plugins"] = [str(Path(p).resolve()) for p in plugins]
+    return cfg
 
 
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> MoELM:
@@ -114,15 +174,22 @@ def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> MoELM:
 
 
 def load_run(run_dir: Path) -> tuple[MoELM, dict]:
-    """The model of a run folder with its latest weights, in eval mode, and the run config."""
+    """The model of a run folder with its latest weights, in eval mode, and the run config.
+
+    The plugin files the run records are loaded first; ``ValueError`` when the weights hold NaN or infinite
+    values (a diverged run), instead of a model that evaluates to NaN.
+    """
     cfg = read_run_config(run_dir)
-    try:
-        model_cfg = ModelConfig.from_dict(cfg["model"])
-        train_cfg = TrainConfig.from_dict(cfg["train"])
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{run_dir}/config.json is incomplete ({exc})") from None
+    from .config import check_run_config
+
+    model_cfg, train_cfg = check_run_config(cfg, str(Path(run_dir) / "config.json"))
     model = MoELM(model_cfg).to(_dtype(train_cfg.dtype))
     load_model_weights(model, Path(run_dir) / "model.safetensors")
+    tensors = model.state_dict()
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise ValueError(f"{Path(run_dir) / 'model.safetensors'}: {len(bad)} of {len(tensors)} tensors hold NaN or "
+                         f"infinite values (e.g. {bad[0]}); the run diverged, so it cannot be evaluated")
     model.eval()
     return model, cfg
 
@@ -185,13 +252,14 @@ class Trainer:
             if self.cfg.overlap_chunks == 0 and self.layout.ep_size > 1 and layers:
                 from ..parallel.cost_model import choose_chunks
 
-                rows = self.cfg.batch_size // self.layout.world_size * self.cfg.seq_len * self.model_cfg.moe.top_k
+                rows = self.cfg.batch_size // self.layout.world_size * self.cfg.seq_len * layers[0].config.top_k
                 self.chunks, self.cost_model = choose_chunks(self.layout, layers[0].experts, rows)
             self.chunks = self.sharding.set_chunks(self.chunks)
         self.optimizer = make_optimizer(self.model, self.cfg)
         self.batches = TrainBatches(corpus.train, self.cfg.batch_size, self.cfg.seq_len, self.cfg.seed)
         self.step = 0
         self.elapsed = 0.0
+        self._boundary = True  # see fit(): the state is that of a checkpoint of self.step
         self.metrics_path = self.run_dir / "metrics.jsonl"
 
     # ---------------------------------------------------------------- state
@@ -238,6 +306,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict:
+        """One optimiser step; from its first change of state until :meth:`fit` has logged it, the trainer's state
+        is no checkpoint's (``_boundary`` False)."""
+        self._boundary = False
         cfg = self.cfg
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
@@ -256,9 +327,24 @@ class Trainer:
         self.optimizer.step()
         vios, loads = _layer_stats(self.model, self.layout)
         end_step(self.model)
+        if not self._weights_finite():
+            raise NonFiniteLoss(f"the update of step {self.step + 1} (loss {ce_value + aux_value:.4g}) made the "
+                                "weights non-finite")
         self.step += 1
         return {"step": self.step, "loss": ce_value, "aux_loss": aux_value, "bits_per_byte": ce_value / LN2,
                 "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
+
+    def _weights_finite(self) -> bool:
+        """Whether every floating-point parameter and buffer is finite (on every rank)."""
+        tensors = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        ok = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+        if self.sharding is not None:
+            import torch.distributed as dist
+
+            flag = torch.tensor([0.0 if ok else 1.0])
+            dist.all_reduce(flag, group=self.layout.data_group)
+            ok = not float(flag)
+        return ok
 
     def _losses(self, input_ids_BL: torch.Tensor, targets_BL: torch.Tensor):
         """``(ce, aux, ce value, aux value)`` of one batch: the mean next-token cross-entropy and the routers'
@@ -292,7 +378,16 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def fit(self, on_step=None, desc: str = "train", leave: bool = True) -> dict:
-        """Train to ``cfg.steps``: metrics, checkpoints, progress bar; ``on_step(trainer, record)`` after each step."""
+        """Train to ``cfg.steps``: metrics, checkpoints, progress bar; ``on_step(trainer, record)`` after each step.
+
+        Ctrl-C: in a single process the first Ctrl-C lets the current step finish (a second one stops at once).
+        On ``KeyboardInterrupt`` a checkpoint is written only when the trainer's state is that of a completed,
+        logged step which has no checkpoint yet; otherwise (stopped inside a step, or under torchrun) the last
+        checkpoint is kept as it is. Either way :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) says
+        which checkpoint a resume starts from, and the resumed run repeats the uninterrupted one bit for bit.
+        A non-finite loss, or weights made non-finite by an update, raise :class:`NonFiniteLoss` before
+        anything is saved: the kept checkpoint is the last one whose weights are finite.
+        """
         from tqdm import tqdm
 
         cfg = self.cfg
@@ -300,10 +395,14 @@ class Trainer:
         main = self.layout.is_main
         bar = tqdm(total=cfg.steps, initial=self.step, desc=desc, unit="step", file=sys.stderr, leave=leave,
                    disable=not (self.progress and main), dynamic_ncols=True)
-        last_good = self.step
+        # True while the in-memory state (model, optimiser, sampler, RNG, balancing, metrics file) is exactly what
+        # a checkpoint of ``self.step`` holds: between the logging of one step and the start of the next.
+        self._boundary = True
+        sigint = _DeferredSigint(enabled=self.sharding is None)
         try:
-            with open(self.metrics_path if main else os.devnull, "a", encoding="utf-8") as metrics:
+            with sigint, open(self.metrics_path if main else os.devnull, "a", encoding="utf-8") as metrics:
                 while self.step < cfg.steps:
+                    sigint.check()
                     t0 = time.perf_counter()
                     rec = self.train_step()
                     dt = time.perf_counter() - t0
@@ -317,33 +416,51 @@ class Trainer:
                         rec["val_bits_per_byte"] = ev["bits_per_byte"]
                     metrics.write(json.dumps(rec) + "\n")
                     metrics.flush()
+                    self._boundary = True
                     if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                         self.save()
-                        last_good = self.step
                     if on_step is not None:
                         on_step(self, rec)
                     vio = sum(rec["max_vio"]) / max(1, len(rec["max_vio"]))
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", bpb=f"{rec['bits_per_byte']:.3f}",
                                     tok_s=f"{rec['tokens_per_s']:.0f}", maxvio=f"{vio:.2f}", refresh=False)
                     bar.update(1)
+                sigint.check()
         except NonFiniteLoss as exc:
             bar.close()
-            raise NonFiniteLoss(f"{exc}; training stopped; the last good checkpoint (step {last_good}) is kept "
-                                f"in {self.run_dir}") from None
+            kept = latest_step(self.run_dir)
+            where = (f"the last good checkpoint (step {kept}, finite weights) is kept in {self.run_dir}"
+                     if kept is not None else f"no checkpoint was saved in {self.run_dir} (the first would have "
+                                              f"been at step {min(cfg.checkpoint_every, cfg.steps)})")
+            raise NonFiniteLoss(f"{exc}; training stopped; {where}") from None
         except KeyboardInterrupt:
             bar.close()
-            if self.sharding is None:  # under torchrun the other ranks may be anywhere: no collective save,
-                self.save()  # the last checkpoint stays intact
-            raise
+            raise self._interrupted() from None
         bar.close()
         return {"steps": self.step, "elapsed": self.elapsed}
+
+    def _interrupted(self) -> TrainingInterrupted:
+        """Checkpoint bookkeeping after a ``KeyboardInterrupt`` (see :meth:`fit`)."""
+        saved = False
+        # Under torchrun the other ranks may be anywhere: no collective save, the last checkpoint stays intact.
+        if self.sharding is None and self._boundary and self.step > 0 and latest_step(self.run_dir) != self.step:
+            try:
+                self.save()
+                saved = True
+            except KeyboardInterrupt:  # a second Ctrl-C during the save: the previous checkpoint is intact
+                pass
+        return TrainingInterrupted(self.step, latest_step(self.run_dir), saved)
 
 
 def describe(model: torch.nn.Module, model_cfg: ModelConfig) -> str:
     counts = param_counts(model)
     moe = model_cfg.moe
     causal = routing_is_causal(model)
-    text = (f"model: {model_cfg.n_layers} layers, width {model_cfg.dim}, {moe.num_experts} experts top-{moe.top_k} "
+    experts = f"{moe.num_experts} experts top-{moe.top_k}"
+    if model_cfg.moe_overrides:  # per-layer settings: experts/top-k of each MoE layer
+        experts = "experts/top-k per MoE layer " + ", ".join(
+            f"{i}: {m.num_experts}/{m.top_k}" for i, m in model_cfg.layer_moes.items())
+    text = (f"model: {model_cfg.n_layers} layers, width {model_cfg.dim}, {experts} "
             f"(router {moe.router}), {counts['total'] / 1e6:.2f}M parameters, "
             f"{counts['active'] / 1e6:.2f}M active per token")
     if not causal:
@@ -361,8 +478,9 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
     layout = layout if layout is not None else ParallelLayout.single()
     if not layout.is_main:
         log, progress = (lambda *a, **k: None), False
-    data = run_config.get("data", {}).get("path")
-    corpus = load_corpus(data)
+    from .config import run_data_path
+
+    corpus = load_corpus(run_data_path(run_config))
     trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress, layout=layout)
     if resume:
         trainer.resume()
@@ -383,7 +501,7 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
             log(f"overlap chunks chosen by the cost model fitted here: all-to-all {fit.comm.intercept * 1e6:.0f} us + "
                 f"{fit.comm.slope * 1e9:.3f} ns/byte, experts {fit.compute.intercept * 1e6:.0f} us + "
                 f"{fit.compute.slope * 1e6:.2f} us/row")
-        if trainer.model_cfg.moe.capacity_factor is not None:
+        if any(m.capacity_factor is not None for m in trainer.model_cfg.layer_moes.values()):
             log("note: with a capacity factor each process drops pairs by its own tokens' capacity, so results "
                 "differ from one process (dropless routing matches it)")
     trainer.fit()
