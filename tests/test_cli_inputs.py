@@ -105,7 +105,9 @@ def test_moe_config_check_draws_no_random_numbers():
     (["--name", "../escape"], "--name"),
     (["--name", "/tmp/abs"], "--name"),
     (["--name", "."], "--name"),
-])
+    (["--device", "gpu"], "device"),
+    (["--device", "cuda:x"], "device"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no CUDA device")]))
 def test_bad_train_flags_write_nothing(workdir, capsys, flags, needle):
     argv = ["train", *TINY, "--data", "data.txt", "--name", "bad", *flags]
     one_line_error(capsys, argv, needle)

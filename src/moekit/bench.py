@@ -282,6 +282,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hf", action="store_true", help="time whole transformers models (OLMoE- and DeepSeek-V3-shaped) "
                    "with the eager, grouped_mm and moekit experts implementations instead (moekit.hf.bench)")
     p.add_argument("--seq", type=int, default=512, help="with --hf: tokens per sequence (batch 2)")
+    p.add_argument("--decode", action="store_true", help="time one layer's inference forward at T = 1, 4, 16, 64 "
+                   "tokens (olmoe, mixtral, qwen3-30b-a3b shapes) against the weight-read floor and transformers "
+                   "(moekit.bench_decode); --impls then takes moekit, hf-grouped_mm, hf-eager")
+    p.add_argument("--decode-shapes", default=None, help="with --decode: comma-separated subset of olmoe, mixtral, "
+                   "qwen3-30b-a3b (the last needs about 5 GiB; skipped with a note when memory is short)")
 
 
 def _check_device(device: str) -> None:
@@ -310,6 +315,8 @@ def main_from_args(args) -> int:
             argv += ["--dtype", args.dtype]
         return hf_main(argv)
 
+    if args.decode:
+        return _main_decode(args)
     shapes = [s for s in args.shapes.split(",") if s]
     impls = [s for s in args.impls.split(",") if s]
     for s in shapes:
@@ -355,6 +362,30 @@ def main_from_args(args) -> int:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats} runs "
               f"after {args.warmup} warm-up runs")
         print(format_table(report))
+    return 0
+
+
+def _main_decode(args) -> int:
+    from .bench_decode import format_decode_table, main_decode
+
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError("--repeats must be >= 1 and --warmup >= 0")
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    dtype_name = args.dtype if args.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+    if dtype_name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--dtype must be auto, float32, bfloat16 or float16, got {dtype_name!r}")
+    args.decode_impls = None if args.impls == ",".join(IMPLS) else args.impls
+    report = main_decode(args, device, getattr(torch, dtype_name))
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(format_decode_table(report))
     return 0
 
 

@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_report(sub)
     commands.add_inspect(sub)
     commands.add_export(sub)
+    from . import commands_quant
+
+    commands_quant.add_quantize(sub)
+    from . import commands_compress  # prune, merge
+    commands_compress.add_prune(sub), commands_compress.add_merge(sub)
     from . import compare
 
     p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")

@@ -65,6 +65,7 @@ def cmd_train(args) -> int:
     # Everything is checked before anything is written: the model builds (on the meta device: no memory, no
     # random numbers drawn) and the data gives a corpus (built in the cache folder, not in the run).
     _check_model_builds(model_cfg)
+    train_cfg.check_device()
     _load_data(run_data_path(run_config))
     # The trainer runs on the CPU, hence gloo (NCCL needs CUDA tensors).
     layout = ParallelLayout.initialise(train_cfg.expert_parallel, _layout_experts(model_cfg, train_cfg.expert_parallel),
@@ -242,13 +243,22 @@ def cmd_eval(args) -> int:
 
 # ------------------------------------------------------------------------------------------------ generate
 def add_generate(sub) -> None:
-    p = sub.add_parser("generate", help="sample text from a trained run (KV cache)")
+    p = sub.add_parser("generate", help="sample text from a trained run (KV cache); one prompt or a batch")
     p.add_argument("run", help="run folder")
-    p.add_argument("--prompt", default="", help="text to continue (default: start of a document)")
-    p.add_argument("--max-new-tokens", type=int, default=200)
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--prompt", default=None, help="text to continue (default: start of a document)")
+    which.add_argument("--prompts", metavar="FILE",
+                       help="generate for every prompt of FILE as one padded batch: one prompt a line (empty lines "
+                            "skipped), or JSON Lines with a \"prompt\" string per line (FILE.jsonl, or every "
+                            "non-blank line a JSON object with \"prompt\")")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="at most this many new tokens per prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i samples with seed + i")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a prompt's text where it produces TEXT (not printed; repeatable)")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: per-prompt text, token counts, stop reason and tokens/s")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
     p.set_defaults(func=cmd_generate)
 
@@ -257,15 +267,49 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 MIN_TOP_P = 1e-6
 
 
+def read_prompts(path: str) -> list[tuple[int, str]]:
+    """``(line number, prompt)`` pairs of a ``--prompts`` file. JSON Lines (``{"prompt": ...}`` per line) when
+    the name ends in ``.jsonl`` or every non-blank line parses as a JSON object with a ``"prompt"`` key;
+    otherwise every non-empty line is one prompt, taken literally (no stripping beyond the line break)."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"--prompts {path}: not UTF-8 text (byte {exc.start})") from None
+    lines = [(n, line[:-1] if line.endswith("\r") else line) for n, line in enumerate(text.split("\n"), 1)]
+
+    def as_record(line: str):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            return None
+        return rec if isinstance(rec, dict) and "prompt" in rec else None
+
+    filled = [(n, line) for n, line in lines if line.strip()]
+    if Path(path).suffix.lower() == ".jsonl" or (filled and all(as_record(line) is not None for _, line in filled)):
+        prompts = []
+        for n, line in filled:
+            rec = as_record(line)
+            if rec is None:
+                raise ValueError(f"--prompts {path} line {n}: expected a JSON object with a \"prompt\" key")
+            if not isinstance(rec["prompt"], str):
+                raise ValueError(f"--prompts {path} line {n}: \"prompt\" must be a string, got "
+                                 f"{type(rec['prompt']).__name__}")
+            prompts.append((n, rec["prompt"]))
+    else:
+        prompts = [(n, line) for n, line in lines if line]
+    if not prompts:
+        raise ValueError(f"--prompts {path} holds no prompts")
+    return prompts
+
+
 def cmd_generate(args) -> int:
-    import torch
+    from .data import BOS_ID, EOS_ID
+    from .model import generate_batch
+    from .train import load_run, read_run_config
 
-    from .data import BOS_ID, EOS_ID, ByteTokenizer
-    from .model import generate
-    from .train import load_run
-
-    if args.max_new_tokens < 0:
-        raise ValueError("--max-new-tokens must be >= 0")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     # Dividing logits by a temperature below MIN_TEMPERATURE overflows float32 (inf - inf = NaN); such a
     # temperature is greedy decoding in all but name. The same bound keeps --top-p away from denormals.
     if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature <= MAX_TEMPERATURE):
@@ -273,26 +317,58 @@ def cmd_generate(args) -> int:
                          f"got {args.temperature}")
     if not MIN_TOP_P <= args.top_p <= 1:
         raise ValueError(f"--top-p must be in [{MIN_TOP_P}, 1], got {args.top_p}")
+    if any(not s for s in args.stop):
+        raise ValueError("--stop must be a non-empty string")
+    if args.prompts is not None:
+        numbered = read_prompts(args.prompts)
+    else:
+        numbered = [(None, args.prompt or "")]
+    # The run (format, version, plugins) and the context limit are checked from config.json before the weights
+    # are read; load_run reads it again (plugins load once per process).
+    limit = read_run_config(Path(args.run)).get("model", {}).get("max_seq_len")
+    if isinstance(limit, int):
+        for line, prompt in numbered:
+            n = 1 + len(prompt.encode("utf-8"))  # BOS + bytes
+            if n + args.max_new_tokens > limit:
+                where = f"--prompts {args.prompts} line {line}: prompt" if line is not None else "prompt"
+                raise ValueError(f"{where} plus --max-new-tokens ({n} + {args.max_new_tokens} tokens) exceeds the "
+                                 f"model's max_seq_len={limit}")
     model, _ = load_run(Path(args.run))
-    tok = ByteTokenizer()
-    prompt = [BOS_ID] + tok.encode(args.prompt)
-    limit = model.config.max_seq_len
-    if len(prompt) + args.max_new_tokens > limit:
-        raise ValueError(f"prompt plus --max-new-tokens ({len(prompt) + args.max_new_tokens}) exceeds the model's "
-                         f"max_seq_len={limit}")
+    prompts = [p for _, p in numbered]
+    stream = None
+    if len(prompts) == 1 and not args.json:  # one prompt: print the text as it comes
+        sys.stdout.write(prompts[0])
+        sys.stdout.flush()
+
+        def stream(_index: int, piece: str) -> None:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
     t0 = time.perf_counter()
-    with torch.no_grad():
-        out = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                       seed=args.seed, use_cache=not args.no_cache, eos_id=EOS_ID)
+    results = generate_batch(model, [[BOS_ID, *p.encode("utf-8")] for p in prompts], args.max_new_tokens,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                             use_cache=not args.no_cache, eos_id=EOS_ID, stop=args.stop, stream=stream)
     dt = time.perf_counter() - t0
-    new = [int(t) for t in out[len(prompt):].tolist()]
-    if EOS_ID in new:
-        new = new[: new.index(EOS_ID)]
-    sys.stdout.write(args.prompt + tok.decode([t for t in new if t < 256]))
-    sys.stdout.write("\n")
+    total = sum(r.new_tokens for r in results)
+    if args.json:
+        out = {"batch_size": len(results), "cache": not args.no_cache, "new_tokens": total, "seconds": dt,
+               "tokens_per_s": total / max(dt, 1e-9),
+               "prompts": [{"prompt": p, **r.to_dict()} for p, r in zip(prompts, results)]}
+        if args.prompts is not None:
+            for (line, _), rec in zip(numbered, out["prompts"]):
+                rec["line"] = line
+        print(json.dumps(out, ensure_ascii=False))
+        return 0
+    if stream is not None:
+        sys.stdout.write("\n")
+    else:
+        for (line, prompt), r in zip(numbered, results):
+            sys.stdout.write(f"==> prompt {r.index + 1} (line {line}) <==\n{prompt}{r.text}\n")
     sys.stdout.flush()
-    _err(f"{len(new)} tokens in {dt:.2f}s ({len(new) / max(dt, 1e-9):.1f} tokens/s, "
-         f"{'no cache' if args.no_cache else 'KV cache'})")
+    stops = sorted({r.stop_reason for r in results})
+    _err(f"{total} tokens in {dt:.2f}s ({total / max(dt, 1e-9):.1f} tokens/s, {len(results)} prompt"
+         f"{'s' if len(results) > 1 else ''}, {'no cache' if args.no_cache else 'KV cache'}; stopped by "
+         f"{', '.join(stops)})")
     return 0
 
 

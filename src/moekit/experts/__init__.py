@@ -2,7 +2,8 @@
 from .activations import ACTIVATIONS, Activation, get_activation
 from .base import Experts, GroupedExperts, get, names, register
 from .dense import DenseExperts
+from .quantized import QuantizedExperts
 from .shared import SharedExpert
 
-__all__ = ["ACTIVATIONS", "Activation", "DenseExperts", "Experts", "GroupedExperts", "SharedExpert",
-           "get", "get_activation", "names", "register"]
+__all__ = ["ACTIVATIONS", "Activation", "DenseExperts", "Experts", "GroupedExperts", "QuantizedExperts",
+           "SharedExpert", "get", "get_activation", "names", "register"]

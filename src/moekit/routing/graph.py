@@ -93,8 +93,8 @@ class SimilarityRouter(_GraphRouter):
     def mix_scores(self, x_TD: torch.Tensor, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
         num_tokens = x_TD.shape[0]
         B, L = ctx.sequences(num_tokens)
-        x_BLD = x_TD.float().reshape(B, L, -1)
-        scores_BLE = scores_TE.reshape(B, L, -1)
+        x_BLD = x_TD.float().reshape(B, L, x_TD.shape[-1])
+        scores_BLE = scores_TE.reshape(B, L, scores_TE.shape[-1])
         x_BSD, past = self._with_past(ctx, "similarity.x", x_BLD)
         scores_BSE, _ = self._with_past(ctx, "similarity.scores", scores_BLE)
         query_BLD = x_BLD @ self.similarity_weight.float()
@@ -104,8 +104,18 @@ class SimilarityRouter(_GraphRouter):
             query_pos_L = torch.arange(past, past + L, device=x_TD.device)
             allowed_LS = torch.arange(S, device=x_TD.device)[None, :] <= query_pos_L[:, None]
             sim_BLS = sim_BLS.masked_fill(~allowed_LS, float("-inf"))
+        mask_T = ctx.flat_mask(num_tokens, x_TD.device)
+        if mask_T is not None and num_tokens:
+            # padding of this call is no neighbour of any token (cached earlier positions count as real); a token
+            # always sees itself, so no row is empty
+            S = x_BSD.shape[1]
+            key_real_BS = torch.ones(B, S, dtype=torch.bool, device=x_TD.device)
+            key_real_BS[:, past:] = mask_T.reshape(B, L)
+            self_LS = torch.arange(S, device=x_TD.device)[None, :] == torch.arange(past, past + L,
+                                                                                   device=x_TD.device)[:, None]
+            sim_BLS = sim_BLS.masked_fill(~(key_real_BS[:, None, :] | self_LS[None]), float("-inf"))
         graph_BLS = torch.softmax(sim_BLS, dim=-1)
-        return (graph_BLS @ scores_BSE).reshape(num_tokens, -1)
+        return (graph_BLS @ scores_BSE).reshape(num_tokens, scores_TE.shape[-1])
 
 
 @register("attention")
@@ -136,12 +146,12 @@ class AttentionRouter(_GraphRouter):
         if B * L != num_tokens or S < L:
             raise ValueError(f"ctx.attention_probs has shape {tuple(graph_BLS.shape)}; expected "
                              f"[B, L, S] with B * L = {num_tokens} routed tokens and S >= L")
-        scores_BSE, past = self._with_past(ctx, "attention.scores", scores_TE.reshape(B, L, -1))
+        scores_BSE, past = self._with_past(ctx, "attention.scores", scores_TE.reshape(B, L, scores_TE.shape[-1]))
         if scores_BSE.shape[1] != S:
             raise ValueError(f"the attention matrix covers {S} key positions, but the router has scores for "
                              f"{scores_BSE.shape[1]} ({past} cached + {L} new); pass the model's KV cache in "
                              "ctx.kv_cache when attending to earlier positions")
-        return (graph_BLS.float() @ scores_BSE).reshape(num_tokens, -1)
+        return (graph_BLS.float() @ scores_BSE).reshape(num_tokens, scores_TE.shape[-1])
 
 
 def _top1_ids(routing) -> torch.Tensor:

@@ -258,7 +258,8 @@ def trace_model(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
                 source: dict | None = None) -> Trace:
     """Run ``model`` on every batch (eval mode, no gradients) and return the trace of its MoE layers.
 
-    Each batch is a mapping with ``input_ids`` (``[B, L]``, what the model is called with) and optionally
+    Each batch is a mapping with ``input_ids`` (``[B, L]``, what the model is called with), optionally
+    ``attention_mask`` (``[B, L]``, False/0 = padding: passed to the model, padding is left out of the trace) and
     ``positions``, ``doc_ids``, ``domain_ids``, ``seq_ids`` of the same shape; ``tokens`` are the
     ``input_ids``. Pass every optional field in every batch or in none. The model's training mode is restored.
     """
@@ -271,7 +272,10 @@ def trace_model(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]],
                 if "input_ids" not in batch:
                     raise ValueError("each batch must hold 'input_ids'")
                 input_ids = batch["input_ids"]
-                model(input_ids)
+                if batch.get("attention_mask") is not None:  # padding: not recorded (see RoutingRecorder)
+                    model(input_ids, attention_mask=batch["attention_mask"])
+                else:
+                    model(input_ids)
                 rec.annotate(tokens=input_ids, **{k: batch[k] for k in TOKEN_FIELDS[1:] if batch.get(k) is not None})
     finally:
         model.train(was_training)

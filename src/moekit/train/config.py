@@ -72,6 +72,8 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     dtype: str = "float32"
+    device: str = field(default="cpu", metadata={
+        "help": "cpu (default) or cuda / cuda:N (one GPU; expert parallelism runs on the CPU with gloo)"})
     threads: int | None = None
     expert_parallel: int = field(default=1, metadata={
         "help": "shard the experts over this many processes (launch with torchrun --nproc-per-node N, "
@@ -106,6 +108,24 @@ class TrainConfig:
             raise ValueError(f"grad_clip must be a number >= 0 (0 disables clipping), got {self.grad_clip!r}")
         if not isinstance(self.dtype, str) or self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if not isinstance(self.device, str) or not (self.device == "cpu" or self.device == "cuda" or (
+                self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            raise ValueError(f"device must be cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "cpu" and self.expert_parallel > 1:
+            raise ValueError("device: expert parallelism runs on the CPU (gloo); use device='cpu' with it")
+
+    def check_device(self) -> None:
+        """``ValueError`` unless ``device`` exists on this machine (checked when training starts, not when a
+        run's config is read: a run trained on a GPU evaluates on the CPU)."""
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"device={self.device!r}: no CUDA device is available")
+            index = int(self.device[5:]) if ":" in self.device else 0
+            if index >= torch.cuda.device_count():
+                raise ValueError(f"device={self.device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                                 f"device(s)")
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimiser step ``step`` (0-based)."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import balance
-from ..data import IGNORE_INDEX, Corpus, DomainBits, TrainBatches, load_corpus, unigram_baseline, val_batches
+from ..data import IGNORE_INDEX, PAD_ID, Corpus, DomainBits, TrainBatches, load_corpus, unigram_baseline, val_batches
 from ..layer import aux_loss, end_step, moe_layers
 from ..model import MoELM, ModelConfig, param_counts
 from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, latest_step, load_checkpoint,
@@ -92,6 +92,14 @@ def _dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def padding_mask(input_ids_BL: torch.Tensor) -> torch.Tensor | None:
+    """``[B, L]`` bool, False at ``PAD`` inputs (the padded tail of the last validation window), or None when
+    the batch has no padding: passed as the model's ``attention_mask`` so that padding counts in no routing
+    loss, load statistic or bias update."""
+    real_BL = input_ids_BL != PAD_ID
+    return None if bool(real_BL.all()) else real_BL
+
+
 def routing_is_causal(model: torch.nn.Module) -> bool:
     return all(getattr(layer.gate, "causal", True) for layer in moe_layers(model))
 
@@ -127,10 +135,12 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: i
             input_ids, targets, domain_ids = input_ids[rows], targets[rows], domain_ids[rows]
             if not scored:
                 domain_ids = torch.full_like(domain_ids, -1)
-        logits_BLV = model(input_ids)
-        nats_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX,
+        device = _model_device(model)
+        input_ids = input_ids.to(device)
+        logits_BLV = model(input_ids, attention_mask=padding_mask(input_ids))
+        nats_BL = F.cross_entropy(logits_BLV.float().transpose(1, 2), targets.to(device), ignore_index=IGNORE_INDEX,
                                   reduction="none")
-        bits.add(nats_BL, domain_ids)
+        bits.add(nats_BL.cpu(), domain_ids)
     if world > 1:
         bits.all_reduce(layout.data_group)
     model.train(was_training)
@@ -168,9 +178,16 @@ def new_run_config(model_cfg: ModelConfig, train_cfg: TrainConfig, data: str | N
     return cfg
 
 
+def _model_device(model: torch.nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def build_model(model_cfg: ModelConfig, train_cfg: TrainConfig) -> MoELM:
+    """The run's model, initialised on the CPU from ``train_cfg.seed`` (the same weights on any device), then
+    moved to ``train_cfg.device`` in ``train_cfg.dtype``."""
     torch.manual_seed(train_cfg.seed)
-    return MoELM(model_cfg).to(_dtype(train_cfg.dtype))
+    return MoELM(model_cfg).to(device=train_cfg.device, dtype=_dtype(train_cfg.dtype))
 
 
 def load_run(run_dir: Path) -> tuple[MoELM, dict]:
@@ -241,6 +258,7 @@ class Trainer:
         self.progress = progress
         if self.cfg.threads:
             torch.set_num_threads(self.cfg.threads)
+        self.cfg.check_device()
         self.model = build_model(self.model_cfg, self.cfg).train()
         self.description = describe(self.model, self.model_cfg)
         self.sharding: ExpertSharding | None = None
@@ -352,7 +370,8 @@ class Trainer:
         shares of the global batch's (gradients are then summed, see :mod:`moekit.parallel.sharding`); the
         values are the global losses."""
         if self.sharding is None:
-            logits_BLV = self.model(input_ids_BL)
+            input_ids_BL, targets_BL = input_ids_BL.to(self.cfg.device), targets_BL.to(self.cfg.device)
+            logits_BLV = self.model(input_ids_BL, attention_mask=padding_mask(input_ids_BL))
             ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
                                  ignore_index=IGNORE_INDEX)
             aux = aux_loss(self.model)
@@ -368,7 +387,7 @@ class Trainer:
         input_ids_BL, targets_BL = input_ids_BL[mine], targets_BL[mine]
         scored = torch.tensor([float((targets_BL != IGNORE_INDEX).sum())], dtype=torch.float64)
         dist.all_reduce(scored, group=layout.data_group)
-        logits_BLV = self.model(input_ids_BL)
+        logits_BLV = self.model(input_ids_BL, attention_mask=padding_mask(input_ids_BL))
         ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
                              ignore_index=IGNORE_INDEX, reduction="sum") / max(float(scored), 1.0)
         aux = aux_loss(self.model)
