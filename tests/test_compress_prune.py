@@ -93,36 +93,36 @@ def test_calibration_scores_match_a_slow_loop():
                 out_sum[e] += expert_out(layer, e, x).numpy()
     assert s.tokens == 17 and stats.tokens == 17
     assert s.count_E.tolist() == count.tolist()
-    np.testing.assert_allclose(s.weight_sum_E.numpy(), wsum, rtol=1e-9)
-    np.testing.assert_allclose(s.reap_E.numpy(), reap / np.maximum(count, 1), rtol=1e-9)
-    np.testing.assert_allclose(s.easy_ep_sum_E.numpy(), easy, rtol=1e-7, atol=1e-12)
-    np.testing.assert_allclose(s.output_mean_ED.numpy(), out_sum / 17, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(s.hessian_EDD.numpy(), H, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(s.weighted_hessian_EDD.numpy(), Hw, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(s.weight_sum_E.numpy(), wsum, rtol=1e-5)
+    np.testing.assert_allclose(s.reap_E.numpy(), reap / np.maximum(count, 1), rtol=1e-5)
+    np.testing.assert_allclose(s.easy_ep_sum_E.numpy(), easy, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(s.output_mean_ED.numpy(), out_sum / 17, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(s.hessian_EDD.numpy(), H, rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(s.weighted_hessian_EDD.numpy(), Hw, rtol=1e-5, atol=1e-9)
     assert s.coact_EE.tolist() == coact.tolist()
     assert abs(s.ratio_median() - np.sort(ratios)[(len(ratios) - 1) // 2]) <= 1.0 / C.RATIO_BINS
-    np.testing.assert_allclose(s.logit_mean_E.numpy(), (x_TD @ layer.gate.weight.T).mean(0).numpy(), rtol=1e-9)
+    np.testing.assert_allclose(s.logit_mean_E.numpy(), (x_TD @ layer.gate.weight.T).mean(0).detach().numpy(), rtol=1e-5)
     # the scores the pruning methods rank by
     assert P.expert_scores(s, "frequency").tolist() == count.tolist()
-    np.testing.assert_allclose(P.expert_scores(s, "easy_ep").numpy(), easy, rtol=1e-7, atol=1e-12)
+    np.testing.assert_allclose(P.expert_scores(s, "easy_ep").numpy(), easy, rtol=1e-5, atol=1e-9)
 
 
 def test_scores_hand_case():
-    """Two experts, top-1 (norm_topk: weight 1): expert e outputs known vectors; REAP and EASY-EP by hand."""
+    """Two experts, top-1 (norm_topk: weight 1), ungated ReLU experts with known outputs; REAP and EASY-EP by
+    hand."""
     layer = MoE(dim=2, hidden_dim=1, num_experts=2, top_k=1, norm_topk=True, activation="relu").double().eval()
     with torch.no_grad():
         layer.gate.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0]]))  # token goes to its larger coordinate
-        # expert 0: relu(x0) * up(x0) -> down -> [a, 0]; with up = gate = x0: out = [x0^2, 0]
-        layer.experts.gate_up_proj.copy_(torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 2.0]]]))
-        layer.experts.down_proj.copy_(torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]]))
+        layer.experts.up_proj.copy_(torch.tensor([[[1.0, 0.0]], [[0.0, 2.0]]]))  # relu(x0), relu(2 x1)
+        layer.experts.down_proj.copy_(torch.tensor([[[1.0], [0.0]], [[0.0], [1.0]]]))  # -> [h, 0], [0, h]
     x = torch.tensor([[2.0, 1.0], [3.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
-    # tokens 0, 1 -> expert 0, outputs [4, 0], [9, 0]; token 2 -> expert 1: relu(1) * 2 = 2 -> [0, 2]
+    # tokens 0, 1 -> expert 0, outputs [2, 0], [3, 0]; token 2 -> expert 1, output [0, 2]
     s = C.calibrate(layer, [x], progress=False).layers[0]
     assert s.count_E.tolist() == [2, 1]
-    assert s.reap_E.tolist() == pytest.approx([(4 + 9) / 2, 2.0])
-    # contributions 1 - cos(x, x + y): token 0: x=[2,1], x+y=[6,1]; token 1: parallel -> 0; token 2: parallel -> 0
-    c0 = 1 - (2 * 6 + 1 * 1) / (math.sqrt(5) * math.sqrt(37))
-    assert s.easy_ep_sum_E.tolist() == pytest.approx([4 * c0, 0.0], abs=1e-12)
+    assert s.reap_E.tolist() == pytest.approx([(2 + 3) / 2, 2.0])
+    # contributions 1 - cos(x, x + y): token 0: x=[2,1], x+y=[4,1]; tokens 1 and 2: parallel -> 0
+    c0 = 1 - (2 * 4 + 1 * 1) / (math.sqrt(5) * math.sqrt(17))
+    assert c0 > 0.01 and s.easy_ep_sum_E.tolist() == pytest.approx([2 * c0, 0.0], abs=1e-12)
 
 
 def test_require_min_tokens_names_the_experts():
@@ -193,7 +193,7 @@ def test_naee_matches_brute_force_over_all_drop_sets():
     # greedy beyond the limit: a valid set whose error is at least the optimum and among the candidates'
     gkeep, gerr, how = P.naee_search(layer, x, 3, max_combinations=5)
     assert how == "greedy" and len(gkeep) == 3
-    assert gerr == pytest.approx(errors[tuple(gkeep)], rel=1e-6) and gerr >= errors[best] - 1e-9
+    assert gerr == pytest.approx(errors[tuple(gkeep)], rel=1e-6) and gerr >= errors[best] * (1 - 1e-6)
 
 
 def test_dynamic_skipping_against_a_hand_rule():
@@ -355,3 +355,15 @@ def test_cli_bad_paths(run, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(["prune", "src", "x", "--method", "frequency", "--keep", "0.5", "--calib-domain", "nope",
                  "--calib-tokens", "100"]) == 2
+
+
+def test_interrupted_write_leaves_nothing(run, monkeypatch, capsys):
+    import moekit.io
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(moekit.io, "atomic_save_safetensors", interrupted)
+    assert main(["prune", "src", "out", "--method", "frequency", "--keep", "0.5", *CAL]) == 130
+    assert not Path("out").exists()
+    assert not [p for p in Path(".").iterdir() if p.name.startswith(".")]

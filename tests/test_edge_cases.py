@@ -152,7 +152,7 @@ def test_batch_level_assignment_ignores_padding(name, options):
     assert _pairs_of_real_tokens(got) == {(t, e) for t, e in zip(want.token_ids.tolist(), want.expert_ids.tolist())}
 
 
-@pytest.mark.parametrize("name,options", [("sinkhorn", {}), ("sinkhorn", {"gate": "plan"}),
+@pytest.mark.parametrize("name,options", [("sinkhorn", {}), ("sinkhorn", {"weights_from": "plan"}),
                                           ("ssr", {"sinkhorn_prob": 1.0})])
 def test_transport_plan_is_over_real_tokens_padding_takes_token_choice(name, options):
     x = _x(9)

@@ -7,7 +7,6 @@ plain greedy loop that re-runs the whole unpadded sequence at every step and tak
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -285,7 +284,8 @@ def test_cli_jsonl_prompts_and_json_schema(run, tmp_path, capsys):
     jsonl.write_text("\n".join(lines) + "\n")
     sniffed = tmp_path / "p.input"  # not named .jsonl: every line is a JSON object with "prompt"
     sniffed.write_text("\n".join(lines))
-    outs = [_json(capsys, ["generate", str(run), "--prompts", str(p), *GREEDY, "--json"]) for p in (text, jsonl, sniffed)]
+    outs = [_json(capsys, ["generate", str(run), "--prompts", str(p), *GREEDY, "--json"])
+            for p in (text, jsonl, sniffed)]
     texts = [[r["text"] for r in o["prompts"]] for o in outs]
     assert texts[0] == texts[1] == texts[2]
     assert [r["prompt"] for r in outs[1]["prompts"]] == CLI_PROMPTS
@@ -381,3 +381,37 @@ def test_cli_bad_inputs_exit_2_with_one_line(run, tmp_path, capsys, monkeypatch)
         assert captured.out == ""
         lines = captured.err.strip().splitlines()
         assert len(lines) == 1 and needle in lines[0], (extra, captured.err)
+
+
+# ------------------------------------------------------------------------------------------ thread policy
+def test_thread_policy_runs_small_calls_on_one_thread(monkeypatch):
+    """Under ``auto`` every decoding call (few token rows) runs on one thread and the prefill of a long batch
+    on torch's count; a fixed ``--threads`` applies to every call; the count is restored afterwards."""
+    from moekit.threads import SMALL_CALL_ROWS, ThreadPolicy, parse_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        policy = ThreadPolicy()
+        seen = []
+        for rows in (1, SMALL_CALL_ROWS, SMALL_CALL_ROWS + 1):
+            with policy.call(rows):
+                seen.append(torch.get_num_threads())
+            assert torch.get_num_threads() == 2
+        assert seen == [1, 1, 2]
+        with ThreadPolicy(3).call(1):
+            assert torch.get_num_threads() == 3
+        assert parse_threads("auto") is None and parse_threads("4") == 4
+        for bad in ("0", "-1", "x", "100000"):
+            with pytest.raises(ValueError, match="--threads"):
+                parse_threads(bad)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_generate_threads_flag_bad_value_exits_2(capsys, tmp_path):
+    from moekit.cli import main
+
+    assert main(["generate", str(tmp_path / "no-run"), "--threads", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads" in err[0]

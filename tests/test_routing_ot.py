@@ -61,7 +61,7 @@ def test_registered_with_properties():
     ("expert_choice", dict(capacity_factor=0), "capacity_factor"),
     ("expert_choice", dict(eval_routing="greedy"), "eval_routing"),
     ("sinkhorn", dict(n_iters=0), "n_iters"), ("sinkhorn", dict(epsilon=-1.0), "epsilon"),
-    ("sinkhorn", dict(gate="relu"), "gate"), ("ssr", dict(sinkhorn_prob=1.5), "sinkhorn_prob"),
+    ("sinkhorn", dict(weights_from="relu"), "weights_from"), ("ssr", dict(sinkhorn_prob=1.5), "sinkhorn_prob"),
     ("ssr", dict(cost="l2"), "cost"), ("ssr", dict(epsilon=0.0), "epsilon"),
     ("sparse_ot", dict(max_tokens_per_expert=0), "max_tokens_per_expert"), ("sparse_ot", dict(gamma=0), "gamma"),
     ("sparse_ot", dict(max_evals=1.5), "max_evals"),
@@ -165,13 +165,13 @@ def test_sinkhorn_selection_and_megatron_gates():
     assert torch.equal(out.topk_ids.sort(-1).values, plan.topk(2, -1).indices.sort(-1).values)
     probs = torch.softmax(logits, -1)
     assert torch.allclose(out.topk_weights.double(), probs.gather(1, out.topk_ids), rtol=1e-5)
-    r.gate = "sigmoid"
+    r.weights_from = "sigmoid"
     assert torch.allclose(r(x).topk_weights.double(), torch.sigmoid(logits).gather(1, out.topk_ids), rtol=1e-5)
     assert out.aux_losses == {}
 
 
 def test_sinkhorn_plan_gate_values_and_gradient():
-    r = make_router("sinkhorn", 6, 4, 2, seed=11, epsilon=0.5, n_iters=200, tol=0.0, gate="plan")
+    r = make_router("sinkhorn", 6, 4, 2, seed=11, epsilon=0.5, n_iters=200, tol=0.0, weights_from="plan")
     x = xs(10, 6, seed=12)
     out = r(x)
     cot = torch.randn(10, 2, generator=torch.Generator().manual_seed(13))
@@ -194,7 +194,7 @@ def test_sinkhorn_plan_gate_values_and_gradient():
 
 @pytest.mark.parametrize("gate", ["softmax", "plan"])
 def test_sinkhorn_eval_is_greedy_token_choice(gate):
-    r = make_router("sinkhorn", 6, 5, 2, seed=14, gate=gate).eval()
+    r = make_router("sinkhorn", 6, 5, 2, seed=14, weights_from=gate).eval()
     x = xs(11, 6, seed=15)
     out = r(x)
     probs = torch.softmax(brute_logits(r, x), -1)

@@ -80,11 +80,11 @@ def add_merge(sub) -> None:
 def _check_paths(src: Path, out: Path) -> None:
     if not src.is_dir():
         raise ValueError(f"SRC {src} is not a run folder")
-    if out.exists() or out.is_symlink():
-        raise ValueError(f"OUT {out} already exists; choose a new folder")
     s, o = src.resolve(), out.resolve()
     if o == s or o.is_relative_to(s) or s.is_relative_to(o):
         raise ValueError(f"OUT {out} must lie outside SRC {src} (and not contain it)")
+    if out.exists() or out.is_symlink():
+        raise ValueError(f"OUT {out} already exists; choose a new folder")
     for parent in out.absolute().parents:
         if parent.exists():
             if not parent.is_dir():
@@ -176,25 +176,26 @@ def _write(args, cfg: dict, model, record: dict) -> Path:
 
     out = Path(args.out)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    if args.format == "hf":
-        from .hf.export import export_model_hf
-
-        export_model_hf(model, out)
-        atomic_write_json(out / "moekit_compression.json", record)
-        return out
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".compress-tmp", dir=out.absolute().parent))
     try:
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)
-        new_cfg = copy.deepcopy(cfg)
-        new_cfg["model"] = model.config.to_dict()
-        new_cfg["compression"] = record
-        atomic_write_json(tmp / "config.json", new_cfg)
-        atomic_save_safetensors(tmp / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
-        if out.exists():
+        if args.format == "hf":
+            from .hf.export import export_model_hf
+
+            folder = export_model_hf(model, tmp / "hf")  # a Qwen3-MoE checkpoint, plus what was done
+            atomic_write_json(folder / "moekit_compression.json", record)
+        else:
+            folder = tmp
+            new_cfg = copy.deepcopy(cfg)
+            new_cfg["model"] = model.config.to_dict()
+            new_cfg["compression"] = record
+            atomic_write_json(tmp / "config.json", new_cfg)
+            atomic_save_safetensors(tmp / "model.safetensors", model.state_dict(), metadata={"format": "pt"})
+        if out.exists() or out.is_symlink():
             raise ValueError(f"OUT {out} appeared while compressing; nothing written")
-        os.replace(tmp, out)
+        os.replace(folder, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

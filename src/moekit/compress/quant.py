@@ -105,6 +105,10 @@ def unpack_codes(data: torch.Tensor, bits, numel: int) -> torch.Tensor:
     per, nbytes = _UNIT[bits]
     if bits == 8:
         return data[:numel].view(torch.int8).to(torch.int32) + 128
+    if nbytes == 1 and bits != "ternary":  # 4 and 2 bits: shifts on the bytes themselves (no int32 copy)
+        mask = (1 << bits) - 1
+        parts = [(data >> (bits * k)) & mask for k in range(per)]
+        return torch.stack(parts, 1).reshape(-1)[:numel].to(torch.int32)
     b = data.to(torch.int32)
     if bits == "ternary":
         digits = []

@@ -1,13 +1,13 @@
 """All-to-all dispatch: experts sharded over an expert-parallel group of torch.distributed ranks.
 
 Legend: T tokens, D model width, E experts in the model, P expert-parallel ranks, M = E / P experts on this
-rank, S this rank's routed pairs (sorted by global expert, hence by destination rank), R rows this rank's
-experts receive, r chunks.
+rank, S this rank's routed pairs (sorted by global expert, hence by destination rank), X rows of one chunk (sent
+or received), r chunks.
 
 Each rank routes its own tokens. ``x_SD`` (its pairs' rows, sorted by expert) goes to the ranks that hold
 the experts with uneven splits (``torch.distributed.all_to_all_single``), the received rows are sorted by
 local expert and run through the experts' grouped matrix products, and the outputs travel back along the
-reverse splits; the gate weights are applied and the rows summed into tokens on the rank that owns them.
+reverse splits; the routing weights are applied and the rows summed into tokens on the rank that owns them.
 Ranks or experts that receive no rows take part in every exchange with zero-length splits.
 
 Overlap (FSMoE: "FSMoE: A Flexible and Scalable Training System for Sparse Mixture-of-Experts Models",

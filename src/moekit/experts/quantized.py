@@ -18,9 +18,13 @@ State dict (buffers, no parameters; ``P`` is ``gate_up_proj``, ``up_proj`` or ``
 - ``P_zeros``: uint8 ``[E, rows, cols / G]``, asymmetric grids only.
 
 The products of :class:`moekit.dispatch.fused.ExpertProducts` are overridden: for every expert that has rows,
-its matrix is dequantised into a scratch tensor and multiplied (experts without rows cost nothing); 8-bit
-symmetric matrices with one group per row use torch's CPU int8 weight-only kernel
-(``torch.ops.aten._weight_int8pack_mm``) instead. Weights are frozen: :meth:`fused_weights` is ``(None, None)``,
+its matrix is dequantised into a scratch tensor and multiplied (experts without rows cost nothing). On the CPU
+with ``kernel="auto"`` (the default), torch's weight-only kernels take over where they fit: 4-bit matrices with
+groups of 32, 64, 128 or 256 go through ``torch.ops.aten._weight_int4pack_mm_for_cpu`` (activations rounded to
+bfloat16 for it: the float32 variant is slower than dequantising; the kernel's own weight layout is built from
+the stored codes on first use of an expert and cached, which adds the packed 4-bit bytes once more in memory);
+8-bit symmetric matrices with one group per row use ``torch.ops.aten._weight_int8pack_mm`` (float32 activations
+rounded to bfloat16 for it, for the same reason). ``kernel="dequant"`` always dequantises (float32 exact). Weights are frozen: :meth:`fused_weights` is ``(None, None)``,
 input gradients flow. :meth:`shard` keeps a block of experts (expert-major storage).
 """
 from __future__ import annotations
@@ -144,16 +148,45 @@ class QuantizedExperts(GroupedExperts):
     def _int8(self, name: str, e: int, dtype: torch.dtype):
         """``(int8 codes [rows, cols], scales [rows])`` for the int8 kernel, or None where it does not fit."""
         if self.kernel != "auto" or self.expert_bits[e] != 8 or not self.symmetric \
-                or self._groups[name] != self._shapes[name][1] or dtype not in _KERNEL_DTYPES:
+                or self._groups[name] != self._shapes[name][1] or self._shapes[name][1] % 32 \
+                or dtype not in _KERNEL_DTYPES:  # the kernel crashes or returns NaN for narrow inputs (K=4, 8)
             return None
         rows, cols = self._shapes[name]
         off = self._offsets(name)
         codes = getattr(self, f"{name}_packed").view(-1)[off[e]:off[e + 1]].view(torch.int8).view(rows, cols)
-        key = (name, e, dtype)
+        kdtype = torch.bfloat16 if dtype == torch.float32 else dtype  # the float32 kernel is slow on the CPU
+        key = (name, e, kdtype)
         scales = self._int8_cache.get(key)
-        if scales is None:  # [rows] in the activation dtype (tiny)
-            scales = self._int8_cache[key] = getattr(self, f"{name}_scales")[e, :, 0].to(dtype)
+        if scales is None:  # [rows] in the kernel's activation dtype (tiny)
+            scales = self._int8_cache[key] = getattr(self, f"{name}_scales")[e, :, 0].to(kdtype)
         return codes, scales
+
+    def _int4(self, name: str, e: int):
+        """``(packed, scales_and_zeros, group)`` for torch's CPU int4 kernel (``_weight_int4pack_mm_for_cpu``,
+        bfloat16 activations), built on first use from the stored codes and cached; None where it does not fit
+        (not 4 bits, a group size the kernel does not take, no such kernel)."""
+        if self.kernel != "auto":
+            return None
+        key = (name, e, "int4")
+        if key in self._int8_cache:
+            return self._int8_cache[key]
+        found = None
+        g = self._groups[name]
+        if self.kernel == "auto" and self.expert_bits[e] == 4 and g in (32, 64, 128, 256) \
+                and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            try:
+                p = self.packed(name, e)
+                weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(p.codes(), 1)
+                s = p.scale.to(torch.float32)
+                # the kernel computes (u - 8) * s + zero: zero = s * (8 - z) for our s * (u - z)
+                zero = s * (8 - p.zero_points())
+                found = (weight, torch.stack([s.t(), zero.t()], -1).to(torch.bfloat16).contiguous(), g)
+                x = torch.zeros(1, p.shape[1], dtype=torch.bfloat16)
+                torch.ops.aten._weight_int4pack_mm_for_cpu(x, found[0], g, found[1])
+            except (RuntimeError, NotImplementedError):
+                found = None
+        self._int8_cache[key] = found
+        return found
 
     def _product(self, x_SX: torch.Tensor, offsets_E: torch.Tensor, name: str, transpose: bool) -> torch.Tensor:
         """Per expert ``x @ W^T`` (``transpose``: the forward products) or ``x @ W`` (input gradients)."""
@@ -163,9 +196,14 @@ class QuantizedExperts(GroupedExperts):
         for e, end in enumerate(offsets_E.tolist()):
             if end > start:
                 x = x_SX[start:end]
-                fast = self._int8(name, e, x.dtype) if transpose and x.device.type == "cpu" else None
+                cpu = transpose and x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES
+                fast = self._int8(name, e, x.dtype) if cpu else None
+                int4 = self._int4(name, e) if cpu and fast is None else None
                 if fast is not None:
-                    out_SY[start:end] = torch.ops.aten._weight_int8pack_mm(x.contiguous(), *fast)
+                    out_SY[start:end] = torch.ops.aten._weight_int8pack_mm(x.to(fast[1].dtype).contiguous(), *fast)
+                elif int4 is not None:
+                    out_SY[start:end] = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                        x.to(torch.bfloat16).contiguous(), int4[0], int4[2], int4[1])
                 else:
                     w = self.dequantize_expert(name, e, x.dtype).to(x.device)
                     torch.mm(x, w.t() if transpose else w, out=out_SY[start:end])

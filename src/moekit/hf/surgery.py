@@ -226,7 +226,7 @@ class RouterAdapter(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor | None:
-        """The moekit router's gate weight ``[E, D]`` (so :func:`moekit.hf.record.find_moe_blocks` and the
+        """The moekit router's weight matrix ``[E, D]`` (so :func:`moekit.hf.record.find_moe_blocks` and the
         routing recorder still find the block); None for routers without one (hash)."""
         return getattr(self.router, "weight", None)
 
@@ -464,7 +464,7 @@ def can_express(original, moekit_router: Router) -> tuple[bool, str]:
         return False, f"{cls_name} cannot express it: {why}"
     if not isinstance(getattr(moekit_router, "weight", None), torch.Tensor) or \
             tuple(moekit_router.weight.shape) != (moekit_router.num_experts, moekit_router.dim):
-        return False, f"{cls_name} cannot express it: the moekit router has no gate weight [E, D]"
+        return False, f"{cls_name} cannot express it: the moekit router has no weight matrix [E, D]"
     if mine.has_bias and not spec.has_bias:
         bias = moekit_router.e_score_correction_bias
         if bool((bias != 0).any()):
@@ -581,7 +581,7 @@ def _routers_path(path) -> "Path":
 
 
 def save_routers(model: nn.Module, path) -> "Path":
-    """Write the replaced routers of ``model`` (every parameter and buffer of each moekit router: gate weight,
+    """Write the replaced routers of ``model`` (every parameter and buffer of each moekit router: weight matrix,
     trained selection bias, balancing counters) to a safetensors file, for routers that :func:`write_back`
     cannot put into the original classes (e.g. a trained auxiliary-loss-free bias and Qwen3-MoE's router,
     which has no bias). ``path`` is a file, or a folder (such as the ``save_pretrained`` one) that receives

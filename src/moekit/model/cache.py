@@ -1,6 +1,6 @@
 """A preallocated key/value cache for incremental decoding.
 
-Legend: B batch, K key/value heads, S positions, H head dim.
+Legend (docs/architecture.md): B batch, G key/value heads, J positions, A head width.
 
 Keys are stored after RoPE and ``k_norm``, as ``Qwen3MoeAttention`` stores them in its ``DynamicCache``.
 The model writes the keys/values of positions ``start_pos ... start_pos + L - 1`` and attends to everything up
@@ -22,8 +22,8 @@ class KVCache:
         if batch_size <= 0 or max_len <= 0:
             raise ValueError(f"batch_size and max_len must be positive, got {batch_size}, {max_len}")
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k_BKSH = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
-        self.v_BKSH = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.k_BGJA = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v_BGJA = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.batch_size = batch_size
         self.max_len = max_len
         self.length = 0
@@ -37,17 +37,17 @@ class KVCache:
         return cls(cfg.n_layers, batch_size, max_len or cfg.max_seq_len, cfg.n_kv_heads, cfg.head_dim,
                    dtype=param.dtype, device=param.device)
 
-    def update(self, layer: int, k_BKLH: torch.Tensor, v_BKLH: torch.Tensor,
+    def update(self, layer: int, k_BGLA: torch.Tensor, v_BGLA: torch.Tensor,
                start_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Store positions ``start_pos ... start_pos + L - 1``; return keys and values ``[B, K, start_pos + L, H]``."""
-        end = start_pos + k_BKLH.shape[2]
+        end = start_pos + k_BGLA.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing up to position {end}")
-        if k_BKLH.shape[0] != self.batch_size:
-            raise ValueError(f"KV cache has batch size {self.batch_size}, got {k_BKLH.shape[0]}")
-        self.k_BKSH[layer][:, :, start_pos:end] = k_BKLH
-        self.v_BKSH[layer][:, :, start_pos:end] = v_BKLH
-        return self.k_BKSH[layer][:, :, :end], self.v_BKSH[layer][:, :, :end]
+        if k_BGLA.shape[0] != self.batch_size:
+            raise ValueError(f"KV cache has batch size {self.batch_size}, got {k_BGLA.shape[0]}")
+        self.k_BGJA[layer][:, :, start_pos:end] = k_BGLA
+        self.v_BGJA[layer][:, :, start_pos:end] = v_BGLA
+        return self.k_BGJA[layer][:, :, :end], self.v_BGJA[layer][:, :, :end]
 
     def update_routing(self, layer: int, name: str, value_BLX: torch.Tensor, start_pos: int) -> torch.Tensor:
         """Store a router's per-position state ``value_BLX`` (``[B, L, ...]``) for positions ``start_pos ...``
@@ -72,13 +72,13 @@ class KVCache:
     def select(self, index_B: torch.Tensor | list[int]) -> None:
         """Keep only the sequences ``index_B`` (in that order), keys, values and routing state alike: batched
         generation drops the sequences that finished so later steps compute only the others."""
-        index = torch.as_tensor(index_B, dtype=torch.int64, device=self.k_BKSH[0].device if self.k_BKSH else None)
+        index = torch.as_tensor(index_B, dtype=torch.int64, device=self.k_BGJA[0].device if self.k_BGJA else None)
         if index.dim() != 1 or index.numel() == 0:
             raise ValueError(f"select needs a non-empty list of sequence indices, got shape {tuple(index.shape)}")
         if int(index.min()) < 0 or int(index.max()) >= self.batch_size:
             raise ValueError(f"sequence indices must be in [0, {self.batch_size}), got {index.tolist()}")
-        self.k_BKSH = [k.index_select(0, index) for k in self.k_BKSH]
-        self.v_BKSH = [v.index_select(0, index) for v in self.v_BKSH]
+        self.k_BGJA = [k.index_select(0, index) for k in self.k_BGJA]
+        self.v_BGJA = [v.index_select(0, index) for v in self.v_BGJA]
         self._routing = {key: buf.index_select(0, index.to(buf.device)) for key, buf in self._routing.items()}
         self.batch_size = int(index.numel())
 

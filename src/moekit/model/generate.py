@@ -15,7 +15,7 @@ rows are dropped from the KV cache), so later steps compute only the others. Wit
 (expert choice, batch Sinkhorn) a token's route depends on the other tokens of the batch, and batched output
 can differ from single-prompt output.
 
-Legend: B batch, L length, V vocabulary.
+Legend (docs/architecture.md): B batch, L length, J positions attended (cache included), V vocabulary.
 """
 from __future__ import annotations
 
@@ -220,10 +220,20 @@ def _prompt_lists(prompts) -> list[list[int]]:
 @torch.no_grad()
 def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
          use_cache: bool, eos_id: int | None, stops: list[tuple[str, bytes]],
-         stream: Callable[[int, str], None] | None) -> list[Generation]:
-    """The decoding loop shared by :func:`generate_batch` and :func:`generate` (arguments already checked)."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
+         stream: Callable[[int, str], None] | None, threads: int | None = None) -> list[Generation]:
+    """The decoding loop shared by :func:`generate_batch` and :func:`generate` (arguments already checked).
+    Every model call runs under :class:`moekit.threads.ThreadPolicy` (``threads`` None: the ``auto`` policy)."""
+    from ..threads import ThreadPolicy
+
+    policy = ThreadPolicy(threads)
+    model_call = model
+
+    def model(ids_BL, **kw):  # noqa: F811  (the model, called under the thread policy)
+        with policy.call(ids_BL.numel()):
+            return model_call(ids_BL, **kw)
+
+    device = next(model_call.parameters()).device
+    vocab = model_call.config.vocab_size
     pad_id = PAD_ID if PAD_ID < vocab else 0  # any id works: pad positions are masked out
     t0 = time.perf_counter()
     seqs = [_Sequence(i, p, eos_id, stops, stream, int(seed), temperature > 0) for i, p in enumerate(prompts)]
@@ -231,15 +241,15 @@ def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: floa
     P = max(lengths)
     ids_BL = torch.tensor([[pad_id] * (P - n) + p for n, p in zip(lengths, prompts)], dtype=torch.int64,
                           device=device)
-    mask_BS = None
+    mask_BJ = None
     if min(lengths) < P:
-        mask_BS = torch.tensor([[False] * (P - n) + [True] * n for n in lengths], device=device)
+        mask_BJ = torch.tensor([[False] * (P - n) + [True] * n for n in lengths], device=device)
     active = list(range(len(prompts)))  # the rows of the batch, as indices into seqs
-    was_training = model.training
-    model.eval()
+    was_training = model_call.training
+    model_call.eval()
     try:
-        cache = KVCache.for_model(model, len(prompts), P + max_new_tokens) if use_cache else None
-        logits_BV = model(ids_BL, kv_cache=cache, start_pos=0, attention_mask=mask_BS)[:, -1]
+        cache = KVCache.for_model(model_call, len(prompts), P + max_new_tokens) if use_cache else None
+        logits_BV = model(ids_BL, kv_cache=cache, start_pos=0, attention_mask=mask_BJ)[:, -1]
         pos = P
         for step in range(max_new_tokens):
             if temperature == 0:
@@ -259,26 +269,26 @@ def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: floa
                 ids_BL = ids_BL.index_select(0, keep_B)
                 if cache is not None:
                     cache.select(keep_B)
-                if mask_BS is not None:
-                    mask_BS = mask_BS.index_select(0, keep_B)
-                    if bool(mask_BS.all()):
-                        mask_BS = None  # no padding left: plain causal attention
-            if mask_BS is not None:
-                mask_BS = torch.cat((mask_BS, mask_BS.new_ones(len(active), 1)), dim=1)
+                if mask_BJ is not None:
+                    mask_BJ = mask_BJ.index_select(0, keep_B)
+                    if bool(mask_BJ.all()):
+                        mask_BJ = None  # no padding left: plain causal attention
+            if mask_BJ is not None:
+                mask_BJ = torch.cat((mask_BJ, mask_BJ.new_ones(len(active), 1)), dim=1)
             if cache is not None:
-                logits_BV = model(token_B[:, None], kv_cache=cache, start_pos=pos, attention_mask=mask_BS)[:, -1]
+                logits_BV = model(token_B[:, None], kv_cache=cache, start_pos=pos, attention_mask=mask_BJ)[:, -1]
                 pos += 1
             else:
                 ids_BL = torch.cat((ids_BL, token_B[:, None]), dim=1)
-                logits_BV = model(ids_BL, attention_mask=mask_BS)[:, -1]
+                logits_BV = model(ids_BL, attention_mask=mask_BJ)[:, -1]
     finally:
-        model.train(was_training)
+        model_call.train(was_training)
     return [s.result for s in seqs]
 
 
 def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int = 0, use_cache: bool = True, eos_id: int | None = EOS_ID, stop: Sequence[str] = (),
-                   stream: Callable[[int, str], None] | None = None) -> list[Generation]:
+                   stream: Callable[[int, str], None] | None = None, threads: int | None = None) -> list[Generation]:
     """Continue every prompt of ``prompts`` by up to ``max_new_tokens`` tokens, as one padded batch.
 
     ``prompts``: strings (each becomes BOS followed by its UTF-8 bytes, as ``moekit generate`` does) or token
@@ -288,7 +298,8 @@ def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: fl
     ``seed + index``. ``use_cache`` decodes incrementally with a :class:`KVCache`; without it each step runs
     the whole sequence again (same greedy tokens). ``stream(index, piece)`` is called with each new piece of
     text as soon as it is safe to show (whole UTF-8 characters, never the start of a stop string); the pieces
-    of a prompt concatenate to its ``text``.
+    of a prompt concatenate to its ``text``. ``threads``: intra-op threads of every model call, None for the
+    ``auto`` policy of :mod:`moekit.threads` (one thread for calls of at most 16 token rows).
 
     Returns one :class:`Generation` per prompt, in order. ``ValueError`` for bad arguments, including a prompt
     whose length plus ``max_new_tokens`` exceeds the model's ``max_seq_len``. The model runs in eval mode and
@@ -313,7 +324,11 @@ def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: fl
         if len(p) + max_new_tokens > cfg.max_seq_len:
             raise ValueError(f"prompt {i}: {len(p)} tokens plus max_new_tokens={max_new_tokens} exceed the model's "
                              f"max_seq_len={cfg.max_seq_len}")
-    return _run(model, ids, max_new_tokens, temperature, top_p, seed, use_cache, eos_id, stops, stream)
+    if threads is not None:
+        from ..threads import parse_threads
+
+        threads = parse_threads(threads)
+    return _run(model, ids, max_new_tokens, temperature, top_p, seed, use_cache, eos_id, stops, stream, threads)
 
 
 def generate(model, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -1,8 +1,8 @@
 """Building blocks of the decoder, each following its Hugging Face transformers Qwen3-MoE counterpart
 (``transformers/models/qwen3_moe/modeling_qwen3_moe.py``) line for line in its math.
 
-Legend: B batch, L query length, S key/value length (cache included), D model width, N query heads,
-K key/value heads, H head dim, F MLP hidden width.
+Legend (docs/architecture.md): B batch, L query length, J key/value length (cache included), D model width,
+N query heads, G key/value heads, A head width, F MLP hidden width.
 """
 from __future__ import annotations
 
@@ -58,21 +58,21 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rotary(x_BNLH: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor) -> torch.Tensor:
-    return x_BNLH * cos_LH + rotate_half(x_BNLH) * sin_LH
+def apply_rotary(x_BNLA: torch.Tensor, cos_LA: torch.Tensor, sin_LA: torch.Tensor) -> torch.Tensor:
+    return x_BNLA * cos_LA + rotate_half(x_BNLA) * sin_LA
 
 
 class Attention(nn.Module):
     """``Qwen3MoeAttention``: grouped-query attention with per-head RMSNorm on queries and keys (before RoPE),
     no biases, scaling ``head_dim ** -0.5``; computed with ``F.scaled_dot_product_attention``.
 
-    ``forward`` returns ``(out_BLD, probs_BLS)``. With ``need_weights`` the attention is computed explicitly
-    (as transformers' eager path: float32 softmax, cast back) and ``probs_BLS`` is the attention probabilities
+    ``forward`` returns ``(out_BLD, probs_BLJ)``. With ``need_weights`` the attention is computed explicitly
+    (as transformers' eager path: float32 softmax, cast back) and ``probs_BLJ`` is the attention probabilities
     averaged over heads, float32, rows summing to one over the ``S`` key positions (cache included); it is None
     otherwise.
 
     ``cos``/``sin`` are ``[L, H]`` (positions shared by the batch) or ``[B, 1, L, H]`` (per sequence).
-    ``attn_mask_B1LS`` (bool, True = may attend; see :meth:`padding_mask`) replaces the plain causal mask when
+    ``attn_mask_B1LJ`` (bool, True = may attend; see :meth:`padding_mask`) replaces the plain causal mask when
     a batch holds padding; None means every key is a real token.
     """
 
@@ -90,67 +90,67 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps)
 
-    def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
+    def forward(self, x_BLD: torch.Tensor, cos_LA: torch.Tensor, sin_LA: torch.Tensor,
                 kv_cache: KVCache | None = None, start_pos: int = 0, need_weights: bool = False,
-                attn_mask_B1LS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                attn_mask_B1LJ: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, L, _ = x_BLD.shape
-        q_BNLH = self.q_norm(self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
-        k_BKLH = self.k_norm(self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim)).transpose(1, 2)
-        v_BKLH = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q_BNLH = apply_rotary(q_BNLH, cos_LH, sin_LH)
-        k_BKLH = apply_rotary(k_BKLH, cos_LH, sin_LH)
+        q_BNLA = self.q_norm(self.q_proj(x_BLD).view(B, L, self.n_heads, self.head_dim)).transpose(1, 2)
+        k_BGLA = self.k_norm(self.k_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v_BGLA = self.v_proj(x_BLD).view(B, L, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q_BNLA = apply_rotary(q_BNLA, cos_LA, sin_LA)
+        k_BGLA = apply_rotary(k_BGLA, cos_LA, sin_LA)
         if kv_cache is not None:
-            k_BKSH, v_BKSH = kv_cache.update(self.layer_index, k_BKLH, v_BKLH, start_pos)
+            k_BGJA, v_BGJA = kv_cache.update(self.layer_index, k_BGLA, v_BGLA, start_pos)
         else:
-            k_BKSH, v_BKSH = k_BKLH, v_BKLH
-        S = k_BKSH.shape[2]
-        probs_BLS = None
+            k_BGJA, v_BGJA = k_BGLA, v_BGLA
+        S = k_BGJA.shape[2]
+        probs_BLJ = None
         if need_weights:
-            out_BNLH, probs_BLS = self._explicit(q_BNLH, k_BKSH, v_BKSH, attn_mask_B1LS)
+            out_BNLA, probs_BLJ = self._explicit(q_BNLA, k_BGJA, v_BGJA, attn_mask_B1LJ)
         else:
-            mask_LS, is_causal = None, False
-            if attn_mask_B1LS is not None:
-                mask_LS = attn_mask_B1LS
+            mask_LJ, is_causal = None, False
+            if attn_mask_B1LJ is not None:
+                mask_LJ = attn_mask_B1LJ
             elif S == L:
                 is_causal = L > 1
             elif L > 1:  # a chunk of L new queries after S - L cached positions
-                mask_LS = self._causal_mask(L, S, x_BLD.device)
-            out_BNLH = F.scaled_dot_product_attention(
-                q_BNLH, k_BKSH, v_BKSH, attn_mask=mask_LS, is_causal=is_causal, scale=self.scaling,
+                mask_LJ = self._causal_mask(L, S, x_BLD.device)
+            out_BNLA = F.scaled_dot_product_attention(
+                q_BNLA, k_BGJA, v_BGJA, attn_mask=mask_LJ, is_causal=is_causal, scale=self.scaling,
                 enable_gqa=self.n_heads != self.n_kv_heads)
-        out_BLD = self.o_proj(out_BNLH.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
-        return out_BLD, probs_BLS
+        out_BLD = self.o_proj(out_BNLA.transpose(1, 2).reshape(B, L, self.n_heads * self.head_dim))
+        return out_BLD, probs_BLJ
 
     @staticmethod
     def _causal_mask(L: int, S: int, device) -> torch.Tensor:
-        """``[L, S]`` True where query ``i`` (position ``S - L + i``) may attend to key position ``j``."""
+        """``[L, J]`` True where query ``i`` (position ``J - L + i``) may attend to key position ``j``."""
         query_pos_L = torch.arange(S - L, S, device=device)
         return torch.arange(S, device=device)[None, :] <= query_pos_L[:, None]
 
     @staticmethod
-    def padding_mask(key_mask_BS: torch.Tensor, L: int) -> torch.Tensor:
-        """``[B, 1, L, S]`` True where query ``i`` (key column ``S - L + i``) may attend to key column ``j``:
-        causal, and key ``j`` is a real token (``key_mask_BS`` True). A padding query would see no key at all
+    def padding_mask(key_mask_BJ: torch.Tensor, L: int) -> torch.Tensor:
+        """``[B, 1, L, J]`` True where query ``i`` (key column ``J - L + i``) may attend to key column ``j``:
+        causal, and key ``j`` is a real token (``key_mask_BJ`` True). A padding query would see no key at all
         (a softmax over nothing is NaN), so every query also sees itself; real queries never see padding."""
-        S, device = key_mask_BS.shape[1], key_mask_BS.device
-        causal_LS = Attention._causal_mask(L, S, device)
-        self_LS = torch.arange(S, device=device)[None, :] == torch.arange(S - L, S, device=device)[:, None]
-        return ((causal_LS & key_mask_BS[:, None, :]) | self_LS)[:, None]
+        S, device = key_mask_BJ.shape[1], key_mask_BJ.device
+        causal_LJ = Attention._causal_mask(L, S, device)
+        self_LJ = torch.arange(S, device=device)[None, :] == torch.arange(S - L, S, device=device)[:, None]
+        return ((causal_LJ & key_mask_BJ[:, None, :]) | self_LJ)[:, None]
 
-    def _explicit(self, q_BNLH: torch.Tensor, k_BKSH: torch.Tensor, v_BKSH: torch.Tensor,
-                  attn_mask_B1LS: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _explicit(self, q_BNLA: torch.Tensor, k_BGJA: torch.Tensor, v_BGJA: torch.Tensor,
+                  attn_mask_B1LJ: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention with its probabilities (SDPA does not return them): each key/value head serves
         ``n_heads / n_kv_heads`` consecutive query heads, as ``repeat_kv`` in transformers."""
-        L, S = q_BNLH.shape[2], k_BKSH.shape[2]
+        L, S = q_BNLA.shape[2], k_BGJA.shape[2]
         groups = self.n_heads // self.n_kv_heads
-        k_BNSH = k_BKSH.repeat_interleave(groups, dim=1)
-        v_BNSH = v_BKSH.repeat_interleave(groups, dim=1)
-        logits_BNLS = (q_BNLH @ k_BNSH.transpose(-1, -2)) * self.scaling
-        allowed = self._causal_mask(L, S, q_BNLH.device) if attn_mask_B1LS is None else attn_mask_B1LS
-        logits_BNLS = logits_BNLS.masked_fill(~allowed, float("-inf"))
-        probs32_BNLS = torch.softmax(logits_BNLS, dim=-1, dtype=torch.float32)
-        out_BNLH = probs32_BNLS.to(q_BNLH.dtype) @ v_BNSH
-        return out_BNLH, probs32_BNLS.mean(dim=1)
+        k_BNJA = k_BGJA.repeat_interleave(groups, dim=1)
+        v_BNJA = v_BGJA.repeat_interleave(groups, dim=1)
+        logits_BNLJ = (q_BNLA @ k_BNJA.transpose(-1, -2)) * self.scaling
+        allowed = self._causal_mask(L, S, q_BNLA.device) if attn_mask_B1LJ is None else attn_mask_B1LJ
+        logits_BNLJ = logits_BNLJ.masked_fill(~allowed, float("-inf"))
+        probs32_BNLJ = torch.softmax(logits_BNLJ, dim=-1, dtype=torch.float32)
+        out_BNLA = probs32_BNLJ.to(q_BNLA.dtype) @ v_BNJA
+        return out_BNLA, probs32_BNLJ.mean(dim=1)
 
 
 class DenseMLP(nn.Module):
@@ -174,7 +174,7 @@ class DecoderLayer(nn.Module):
     (``mlp.gate``), both passing state through the layer's ``RoutingContext``, never through module attributes:
 
     - ``needs_attention`` (True for :class:`moekit.routing.graph.AttentionRouter`): the attention layer computes
-      its probabilities explicitly and the layer puts their head average ``[B, L, S]`` in
+      its probabilities explicitly and the layer puts their head average ``[B, L, J]`` in
       ``ctx.attention_probs`` for the router, clearing it after the MoE call.
     - ``residual_update(f, ctx) -> delta`` (identity by default; :mod:`moekit.routing.momentum` overrides it):
       the residual branch adds ``delta`` instead of the MoE output ``f`` (MomentumSMoE, AdamSMoE).
@@ -190,13 +190,13 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.dim, config.norm_eps)
         self.post_attention_layernorm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x_BLD: torch.Tensor, cos_LH: torch.Tensor, sin_LH: torch.Tensor,
+    def forward(self, x_BLD: torch.Tensor, cos_LA: torch.Tensor, sin_LA: torch.Tensor,
                 ctx: RoutingContext | None = None, kv_cache: KVCache | None = None,
-                start_pos: int = 0, attn_mask_B1LS: torch.Tensor | None = None) -> torch.Tensor:
+                start_pos: int = 0, attn_mask_B1LJ: torch.Tensor | None = None) -> torch.Tensor:
         gate = self.mlp.gate if self.is_moe else None
         need_weights = gate is not None and gate.needs_attention
-        attn_BLD, probs_BLS = self.self_attn(self.input_layernorm(x_BLD), cos_LH, sin_LH, kv_cache, start_pos,
-                                             need_weights=need_weights, attn_mask_B1LS=attn_mask_B1LS)
+        attn_BLD, probs_BLJ = self.self_attn(self.input_layernorm(x_BLD), cos_LA, sin_LA, kv_cache, start_pos,
+                                             need_weights=need_weights, attn_mask_B1LJ=attn_mask_B1LJ)
         h_BLD = x_BLD + attn_BLD
         normed_BLD = self.post_attention_layernorm(h_BLD)
         if not self.is_moe:
@@ -204,7 +204,7 @@ class DecoderLayer(nn.Module):
         if ctx is None:
             ctx = RoutingContext(batch_shape=tuple(normed_BLD.shape[:-1]), layer_index=self.layer_index)
         if need_weights:
-            ctx.attention_probs = probs_BLS
+            ctx.attention_probs = probs_BLJ
         try:
             ffn_BLD = self.mlp(normed_BLD, ctx)
         finally:

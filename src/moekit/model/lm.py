@@ -4,7 +4,8 @@ Module tree and parameter names are those of transformers' ``Qwen3MoeForCausalLM
 ``model.layers.N.*``, ``model.norm``, ``lm_head``), so ``state_dict()`` loads into it as is (see
 :mod:`moekit.model.hf_mapping`).
 
-Legend: B batch, L sequence length, D model width, V vocabulary.
+Legend (docs/architecture.md): B batch, L sequence length, J positions attended, D model width, A head
+width, V vocabulary.
 """
 from __future__ import annotations
 
@@ -32,18 +33,18 @@ class MoEDecoder(nn.Module):
                 start_pos: int = 0, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, L = input_ids_BL.shape
         x_BLD = self.embed_tokens(input_ids_BL)
-        attn_mask_B1LS, token_mask_BL = None, None
+        attn_mask_B1LJ, token_mask_BL = None, None
         if attention_mask is None:
             positions_L = torch.arange(start_pos, start_pos + L, device=input_ids_BL.device)
-            cos_LH, sin_LH = self.rotary_emb(positions_L, x_BLD.dtype)
+            cos_LA, sin_LA = self.rotary_emb(positions_L, x_BLD.dtype)
         else:
             # Padding: a token's position counts the real tokens before it in its own sequence, so a
             # left-padded prompt gets the positions 0, 1, ... it has alone; pad keys are masked out.
-            key_mask_BS = attention_mask.to(device=input_ids_BL.device, dtype=torch.bool)
-            positions_BL = (key_mask_BS.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -L:]
-            cos_LH, sin_LH = (t[:, None] for t in self.rotary_emb(positions_BL, x_BLD.dtype))  # [B, 1, L, H]
-            attn_mask_B1LS = self.layers[0].self_attn.padding_mask(key_mask_BS, L) if self.layers else None
-            token_mask_BL = key_mask_BS[:, -L:]
+            key_mask_BJ = attention_mask.to(device=input_ids_BL.device, dtype=torch.bool)
+            positions_BL = (key_mask_BJ.long().cumsum(dim=-1) - 1).clamp(min=0)[:, -L:]
+            cos_LA, sin_LA = (t[:, None] for t in self.rotary_emb(positions_BL, x_BLD.dtype))  # [B, 1, L, H]
+            attn_mask_B1LJ = self.layers[0].self_attn.padding_mask(key_mask_BJ, L) if self.layers else None
+            token_mask_BL = key_mask_BJ[:, -L:]
         # Cross-layer routing state, shared by the layers of this call only (momentum, free-form extras);
         # routers that read earlier positions keep per-position state in the KV cache.
         momentum, extras = MomentumState(), {}
@@ -51,7 +52,7 @@ class MoEDecoder(nn.Module):
             ctx = RoutingContext(batch_shape=(B, L), input_ids=input_ids_BL, layer_index=layer.layer_index,
                                  token_mask=token_mask_BL, kv_cache=kv_cache, start_pos=start_pos,
                                  momentum=momentum, extras=extras)
-            x_BLD = layer(x_BLD, cos_LH, sin_LH, ctx, kv_cache, start_pos, attn_mask_B1LS=attn_mask_B1LS)
+            x_BLD = layer(x_BLD, cos_LA, sin_LA, ctx, kv_cache, start_pos, attn_mask_B1LJ=attn_mask_B1LJ)
         if kv_cache is not None:
             kv_cache.length = start_pos + L
         return self.norm(x_BLD)
@@ -72,9 +73,9 @@ class MoELM(nn.Module):
     gives the logits it gives alone), and the MoE layers get the mask of this call's tokens as
     ``RoutingContext.token_mask``. Logits at pad positions are meaningless.
 
-    Auxiliary losses of the MoE layers are read with ``moekit.aux_loss(model)`` after the call. With a router that is not causal (``Router.causal`` False,
-    such as expert choice) a token's routing depends on later tokens of the batch, so the model is not
-    strictly causal and cached decoding differs from a full forward.
+    Auxiliary losses of the MoE layers are read with ``moekit.aux_loss(model)`` after the call. With a router
+    that is not causal (``Router.causal`` False, such as expert choice) a token's routing depends on later
+    tokens of the batch, so the model is not strictly causal and cached decoding differs from a full forward.
 
     Routers with state across layers get it through typed fields of :class:`RoutingContext` made afresh for
     each call: ``momentum`` / ``adam`` (:mod:`moekit.routing.momentum`) change how the MoE output enters the

@@ -3,7 +3,7 @@
 :func:`analyse` takes a trace and/or a metrics file; :func:`moekit.report.build_report` and
 :func:`moekit.report.summary_text` both accept its result (or compute it themselves).
 
-Legend: L layers, E experts, D domains.
+Legend (docs/architecture.md): I layers, E experts, O domains.
 """
 from __future__ import annotations
 
@@ -34,14 +34,14 @@ class TraceStats:
     top_k: int
     layer_names: list[str]
     domain_names: list[str]
-    load: np.ndarray  # [L, E]
+    load: np.ndarray  # [I, E]
     max_vio: np.ndarray  # [L]
     load_entropy: np.ndarray  # [L] bits
     token_entropy: np.ndarray | None  # [L] bits
-    coactivation: np.ndarray  # [L, E, E]
+    coactivation: np.ndarray  # [I, E, E]
     transitions: np.ndarray  # [L-1, E, E]
     predictability: stats.Predictability
-    domain_frequency: np.ndarray  # [L, D, E]
+    domain_frequency: np.ndarray  # [I, O, E]
     domain_tokens: np.ndarray  # [D]
     num_experts_per_layer: list[int] | None = None  # [L]; None: num_experts for every layer
 
@@ -56,8 +56,8 @@ class TraceStats:
 
     @classmethod
     def of(cls, trace: Trace, seed: int = 0) -> "TraceStats":
-        freq_LDE, tokens_D = stats.domain_expert_frequency(trace)
-        names = [trace.domain_label(d) for d in range(tokens_D.size)]
+        freq_IOE, tokens_O = stats.domain_expert_frequency(trace)
+        names = [trace.domain_label(d) for d in range(tokens_O.size)]
         return cls(
             num_tokens=trace.num_tokens, num_layers=trace.num_layers, num_experts=trace.num_experts,
             top_k=trace.top_k, layer_names=list(trace.layer_names), domain_names=names,
@@ -66,7 +66,7 @@ class TraceStats:
             coactivation=np.stack([stats.coactivation(trace, l) for l in range(trace.num_layers)]),
             transitions=stats.transition_matrices(trace),
             predictability=stats.cross_layer_predictability(trace, seed=seed),
-            domain_frequency=freq_LDE, domain_tokens=tokens_D,
+            domain_frequency=freq_IOE, domain_tokens=tokens_O,
             num_experts_per_layer=list(trace.num_experts_per_layer))
 
 
@@ -97,8 +97,8 @@ def resolve_groups(trace: Trace | None, groups, labels: tuple[str, str] | None =
     kwargs = dict(num_resamples=num_resamples, seed=seed)
     if groups is None:
         domain_T = trace.domain_ids.numpy()
-        tokens_D = np.bincount(domain_T[domain_T >= 0]) if (domain_T >= 0).any() else np.zeros(0, dtype=np.int64)
-        present = [int(d) for d in np.argsort(-tokens_D, kind="stable") if tokens_D[d] > 0]
+        tokens_O = np.bincount(domain_T[domain_T >= 0]) if (domain_T >= 0).any() else np.zeros(0, dtype=np.int64)
+        present = [int(d) for d in np.argsort(-tokens_O, kind="stable") if tokens_O[d] > 0]
         if len(present) < 2:
             return None
         return disparity_by_domain(trace, present[0], present[1], **kwargs)

@@ -5,7 +5,7 @@ from ``metrics.jsonl``); load and balance per layer (load bars, MaxVio, routing 
 a layer; cross-layer transitions and predictability (after Fate, 2025); domain x expert specialisation; the
 routing-disparity profile of two input groups (GateBreaker, arXiv:2512.21008; EASY-EP, 2025).
 
-Legend: L layers, E experts, D domains.
+Legend (docs/architecture.md): I layers, E experts, O domains.
 """
 from __future__ import annotations
 
@@ -237,10 +237,10 @@ def build_report(out_dir: str | os.PathLike, trace: Trace | None = None,
     if an.metrics is not None:
         _training_section(page, an, out)
     if an.trace is not None:
-        labels_L = _layer_labels(an.trace.layer_names)
-        _load_section(page, an, out, labels_L)
-        _structure_section(page, an, out, labels_L)
-        _domain_section(page, an, out, labels_L)
+        labels_I = _layer_labels(an.trace.layer_names)
+        _load_section(page, an, out, labels_I)
+        _structure_section(page, an, out, labels_I)
+        _domain_section(page, an, out, labels_I)
     if an.disparity is not None:
         _disparity_section(page, an, out, _layer_labels(an.disparity.layer_names))
     atomic_write_bytes(out / "summary.txt", (summary + "\n").encode("utf-8"))

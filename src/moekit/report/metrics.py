@@ -4,7 +4,7 @@ Each line is one JSON object; training records look like ``{"step": int, "loss":
 "max_vio": [per layer], "load": [[per expert counts] per layer], ...}`` and may carry ``val_bits_per_byte``.
 Blank or unparsable lines (a line being written while training runs) are skipped and counted.
 
-Legend: N records, L layers, E experts.
+Legend (docs/architecture.md): W logged steps (records), I layers, E experts.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ __all__ = ["MetricsHistory", "read_metrics"]
 class MetricsHistory:
     """Per-step series of a run; missing values are NaN.
 
-    ``steps [N]``; ``loss``, ``bits_per_byte``, ``val_bits_per_byte`` ``[N]``; ``max_vio [N, L]`` (from the
+    ``steps [W]``; ``loss``, ``bits_per_byte``, ``val_bits_per_byte`` ``[W]``; ``max_vio [W, I]`` (from the
     record, or computed from its ``load``); ``load [N, L, E]`` assignment counts (NaN rows where a record had
     none); ``skipped_lines``: lines that were not JSON objects.
     """
@@ -57,15 +57,15 @@ def _number(value) -> float:
     return float(value)
 
 
-def _max_vio_from_load(load_LE: np.ndarray) -> np.ndarray:
+def _max_vio_from_load(load_IE: np.ndarray) -> np.ndarray:
     """MaxVio per layer over the layer's own experts (NaN columns: experts a narrower layer does not have)."""
     with np.errstate(invalid="ignore"):
-        mean_L = np.nanmean(load_LE, axis=1)
-        return np.where(mean_L > 0, (np.nanmax(load_LE, axis=1) - mean_L) / np.where(mean_L > 0, mean_L, 1.0), 0.0)
+        mean_I = np.nanmean(load_IE, axis=1)
+        return np.where(mean_I > 0, (np.nanmax(load_IE, axis=1) - mean_I) / np.where(mean_I > 0, mean_I, 1.0), 0.0)
 
 
 def _matrix(value) -> np.ndarray | None:
-    """``[L, E]`` float64 from a list of per-layer lists; layers with fewer experts (per-layer expert counts)
+    """``[I, E]`` float64 from a list of per-layer lists; layers with fewer experts (per-layer expert counts)
     are padded with NaN to the widest."""
     if isinstance(value, list) and value and all(isinstance(row, list) and row for row in value):
         width = max(len(row) for row in value)
@@ -105,22 +105,22 @@ def read_metrics(path: str | os.PathLike) -> MetricsHistory:
     shapes = Counter(m.shape for m in loads if m is not None)
     load_shape = shapes.most_common(1)[0][0] if shapes else (0, 0)
     N = len(records)
-    load_NLE = np.full((N, *load_shape), np.nan)
+    load_XIE = np.full((N, *load_shape), np.nan)
     for i, m in enumerate(loads):
         if m is not None and m.shape == load_shape:
-            load_NLE[i] = m
+            load_XIE[i] = m
     vio_len = Counter(len(r["max_vio"]) for r in records if isinstance(r.get("max_vio"), list))
     num_layers = load_shape[0] or (vio_len.most_common(1)[0][0] if vio_len else 0)
-    vio_NL = np.full((N, num_layers), np.nan)
+    vio_XI = np.full((N, num_layers), np.nan)
     for i, r in enumerate(records):
         vio = r.get("max_vio")
         if isinstance(vio, list) and len(vio) == num_layers:
-            vio_NL[i] = [_number(v) for v in vio]
-        elif load_shape[0] and np.isfinite(load_NLE[i]).any(axis=1).all():
-            vio_NL[i] = _max_vio_from_load(load_NLE[i])
+            vio_XI[i] = [_number(v) for v in vio]
+        elif load_shape[0] and np.isfinite(load_XIE[i]).any(axis=1).all():
+            vio_XI[i] = _max_vio_from_load(load_XIE[i])
     return MetricsHistory(
         path=str(path), steps=np.array([float(r["step"]) for r in records]),
         loss=np.array([_number(r.get("loss")) for r in records]),
         bits_per_byte=np.array([_number(r.get("bits_per_byte")) for r in records]),
         val_bits_per_byte=np.array([_number(r.get("val_bits_per_byte")) for r in records]),
-        max_vio=vio_NL, load=load_NLE, skipped_lines=skipped)
+        max_vio=vio_XI, load=load_XIE, skipped_lines=skipped)

@@ -1,7 +1,7 @@
 """PNG plots of the report, drawn with matplotlib's Agg renderer on standalone ``Figure`` objects (no pyplot
 global state, no display needed). Each function writes one file atomically and returns its path.
 
-Legend: N steps, L layers, E experts, D domains.
+Legend (docs/architecture.md): W logged steps, I layers, E experts, O domains.
 """
 from __future__ import annotations
 
@@ -46,28 +46,28 @@ def _grid(n: int, ncols: int = 4, panel: tuple[float, float] = (3.4, 2.8), title
     return fig, axes[:n]
 
 
-def _bin_columns(steps_N: np.ndarray, values_NX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _bin_columns(steps_X: np.ndarray, values_XX: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Average runs of consecutive steps so at most ``_MAX_COLUMNS`` remain."""
-    n = steps_N.size
+    n = steps_X.size
     if n <= _MAX_COLUMNS:
-        return steps_N, values_NX
+        return steps_X, values_XX
     edges = np.linspace(0, n, _MAX_COLUMNS + 1).astype(int)
-    steps = np.array([steps_N[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
+    steps = np.array([steps_X[a:b].mean() for a, b in zip(edges[:-1], edges[1:])])
     with np.errstate(invalid="ignore"):
-        values = np.stack([np.nanmean(values_NX[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])])
+        values = np.stack([np.nanmean(values_XX[a:b], axis=0) for a, b in zip(edges[:-1], edges[1:])])
     return steps, values
 
 
-def bars_per_layer(path: Path, values_LE: np.ndarray, layer_labels: Sequence[str], title: str, ylabel: str,
+def bars_per_layer(path: Path, values_IE: np.ndarray, layer_labels: Sequence[str], title: str, ylabel: str,
                    reference: float | Sequence[float] | None = None,
                    experts_per_layer: Sequence[int] | None = None) -> Path:
     """One bar chart per layer (experts on x), with an optional horizontal reference line (one value, or one
     per layer); ``experts_per_layer`` limits each layer's bars to its own experts."""
     fig, axes = _grid(len(layer_labels), title=title)
-    L, E = values_LE.shape
+    L, E = values_IE.shape
     widths = list(experts_per_layer) if experts_per_layer is not None else [E] * L
     refs = [reference] * L if reference is None or np.isscalar(reference) else list(reference)
-    for ax, label, row, E_l, ref in zip(axes, layer_labels, values_LE, widths, refs):
+    for ax, label, row, E_l, ref in zip(axes, layer_labels, values_IE, widths, refs):
         ax.bar(np.arange(E_l), row[:E_l], color="tab:blue", width=0.8)
         if ref is not None:
             ax.axhline(ref, color="tab:red", lw=1, ls="--")
@@ -77,12 +77,12 @@ def bars_per_layer(path: Path, values_LE: np.ndarray, layer_labels: Sequence[str
     return _save(fig, path)
 
 
-def heatmaps(path: Path, mats_NRC: np.ndarray, labels: Sequence[str], title: str, xlabel: str, ylabel: str,
+def heatmaps(path: Path, mats_XRC: np.ndarray, labels: Sequence[str], title: str, xlabel: str, ylabel: str,
              cmap: str = "viridis", yticklabels: Sequence[str] | None = None, vmin: float | None = None,
              vmax: float | None = None) -> Path:
     """A grid of heatmaps with a colour bar each."""
     fig, axes = _grid(len(labels), title=title)
-    for ax, label, mat in zip(axes, labels, mats_NRC):
+    for ax, label, mat in zip(axes, labels, mats_XRC):
         im = ax.imshow(mat, aspect="auto", interpolation="nearest", cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel(xlabel)
@@ -133,18 +133,18 @@ def disparity_plot(path: Path, disparity: Disparity, layer_labels: Sequence[str]
     return _save(fig, path)
 
 
-def load_evolution(path: Path, steps_N: np.ndarray, load_NLE: np.ndarray, layer_labels: Sequence[str]) -> Path:
+def load_evolution(path: Path, steps_X: np.ndarray, load_XIE: np.ndarray, layer_labels: Sequence[str]) -> Path:
     """Per layer: each expert's share of the assignments (rows) over training steps (columns)."""
-    totals = np.nansum(load_NLE, axis=2, keepdims=True)  # NaN: experts a narrower layer does not have
+    totals = np.nansum(load_XIE, axis=2, keepdims=True)  # NaN: experts a narrower layer does not have
     with np.errstate(invalid="ignore", divide="ignore"):
-        share_NLE = load_NLE / totals
-    steps, share = _bin_columns(steps_N, share_NLE.reshape(len(steps_N), -1))
-    share_NLE = share.reshape(len(steps), *load_NLE.shape[1:])
+        share_XIE = load_XIE / totals
+    steps, share = _bin_columns(steps_X, share_XIE.reshape(len(steps_X), -1))
+    share_XIE = share.reshape(len(steps), *load_XIE.shape[1:])
     fig, axes = _grid(len(layer_labels), title="expert load share over training (metrics.jsonl)")
-    E = load_NLE.shape[2]
+    E = load_XIE.shape[2]
     left, right = (steps[0], steps[-1]) if steps[-1] > steps[0] else (steps[0] - 0.5, steps[0] + 0.5)
     for l, (ax, label) in enumerate(zip(axes, layer_labels)):
-        im = ax.imshow(share_NLE[:, l].T, aspect="auto", interpolation="nearest", cmap="magma", origin="lower",
+        im = ax.imshow(share_XIE[:, l].T, aspect="auto", interpolation="nearest", cmap="magma", origin="lower",
                        extent=(left, right, -0.5, E - 0.5), vmin=0.0)
         ax.set_title(label, fontsize=9)
         ax.set_xlabel("step")
@@ -153,19 +153,19 @@ def load_evolution(path: Path, steps_N: np.ndarray, load_NLE: np.ndarray, layer_
     return _save(fig, path)
 
 
-def step_lines(path: Path, steps_N: np.ndarray, series: dict[str, np.ndarray], title: str, ylabel: str,
+def step_lines(path: Path, steps_X: np.ndarray, series: dict[str, np.ndarray], title: str, ylabel: str,
                logy: bool = False) -> Path:
-    """Series over training steps (NaN gaps skipped); a 2-D series ``[N, L]`` gives one line per layer."""
+    """Series over training steps (NaN gaps skipped); a 2-D series ``[W, I]`` gives one line per layer."""
     fig = Figure(figsize=(7.0, 3.6), layout="constrained")
     ax = fig.subplots()
     for name, values in series.items():
         values = np.asarray(values, dtype=np.float64)
-        columns = values.reshape(len(steps_N), -1)
+        columns = values.reshape(len(steps_X), -1)
         for j in range(columns.shape[1]):
             ok = np.isfinite(columns[:, j])
             if ok.any():
                 label = name if columns.shape[1] == 1 else f"{name} {j}"
-                ax.plot(steps_N[ok], columns[ok, j], lw=1, label=label, marker="o" if ok.sum() < 30 else None,
+                ax.plot(steps_X[ok], columns[ok, j], lw=1, label=label, marker="o" if ok.sum() < 30 else None,
                         ms=3)
     if logy:
         ax.set_yscale("log")

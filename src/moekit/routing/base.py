@@ -85,11 +85,11 @@ class RoutingContext:
       for a real token, False for padding; None means every token is real. Padding counts in no auxiliary
       loss, load statistic, bias update, fitted state or trace, and batch-level routers leave it out of their
       assignment problem (see docs/architecture.md, "Padding").
-    * ``attention_probs`` (``[B, L, S]``, rows sum to one): the head-averaged attention probabilities of the
-      attention layer that precedes this MoE layer, ``S >= L`` key positions of which the last ``L`` are this
+    * ``attention_probs`` (``[B, L, J]``, rows sum to one): the head-averaged attention probabilities of the
+      attention layer that precedes this MoE layer, ``J >= L`` key positions of which the last ``L`` are this
       call's tokens. Filled by the model for routers with ``needs_attention = True``.
     * ``kv_cache``: the model's cache during cached decoding, an object with
-      ``update_routing(layer, name, value_BLX, start_pos) -> value_BSX`` that stores per-layer, per-position
+      ``update_routing(layer, name, value_BLX, start_pos) -> value_BJX`` that stores per-layer, per-position
       routing state and returns the stored earlier positions followed by ``value_BLX``; ``start_pos`` is the
       position of this call's first token.
     * ``momentum``: the :class:`MomentumState` of this model call, one object shared by all its layers (each
@@ -230,7 +230,7 @@ class Router(nn.Module):
     ``gate_bias``), and compute their logits with :meth:`logits` only: multiplicative jitter
     ``x * U(1 - jitter, 1 + jitter)`` on the router input in training (Fedus et al. 2021, Switch Transformers,
     arXiv:2101.03961, section 2.4), ``x W^T (+ b)`` in float32 whatever the input dtype, plus the per-layer
-    ``logit_offset``. Scores, selection and gate weights all start from these logits.
+    ``logit_offset``. Scores, selection and routing weights all start from these logits.
 
     **The logit offset.** ``logit_offset`` (float32 ``[E]``, zero by default) is added to the logits before
     scoring and selection: the knob test-time adaptation trains. It is a non-persistent buffer, so it is in

@@ -1,5 +1,5 @@
 """Dense-to-sparse gates: a temperature softmax whose temperature is annealed, so that the number of experts a
-token uses falls from all of them towards one; experts are used when their gate weight exceeds a threshold.
+token uses falls from all of them towards one; experts are used when their routing weight exceeds a threshold.
 
 ``dts`` -- EvoMoE's DTS-Gate. Paper: Nie, Miao, Cao, Ma, Liu, Xue, Miao, Liu, Yang, Cui 2021, "EvoMoE: An
 Evolutional Mixture-of-Experts Training Framework via Dense-To-Sparse Gate" (arXiv:2112.14397), section on
@@ -79,7 +79,7 @@ class DenseToSparseRouter(TopKRouter):
     """EvoMoE's dense-to-sparse gate (Nie et al. 2021, arXiv:2112.14397).
 
     ``G = softmax((S + g) / tau)`` (Gumbel noise ``g`` in training only, when ``gumbel``); a token uses every
-    expert with ``G > threshold`` and always its highest-weight one; gate weights are ``G`` of the used experts,
+    expert with ``G > threshold`` and always its highest-weight one; routing weights are ``G`` of the used experts,
     renormalised to sum to one when ``renormalize``. ``tau`` follows ``schedule`` from ``tau_start`` to
     ``tau_end`` over ``anneal_steps`` optimiser steps, advanced by :meth:`end_step` (the step count is saved
     in :meth:`balancing_state`). ``eval_mode="topk"`` routes to the ``top_k`` highest ``G`` at inference

@@ -9,7 +9,7 @@ similar tokens lowers the entropy of expert selection. With ``s_j = softmax(x_j 
 token ``j`` and ``A`` a row-stochastic token graph, both routers here use::
 
     P_i = sum_j A_ij s_j                 (P = A S, one graph per sequence)
-    experts_i = top-k of P_i,   gate weights = P_i at those experts (then ``norm_topk`` / ``scaling_factor``)
+    experts_i = top-k of P_i,   routing weights = P_i at those experts (then ``norm_topk`` / ``scaling_factor``)
 
 - ``similarity`` (Similarity-Aware SMoE): ``A = softmax_row(X W_s X^T / tau)`` with a learned ``W_s [D, D]``.
 - ``attention`` (Attention-Aware SMoE): ``A`` is the attention matrix of the attention layer just before the MoE
@@ -27,7 +27,7 @@ positions. When the model passes its KV cache (``RoutingContext.kv_cache`` and `
 store them there per layer, so cached decoding routes exactly as a full forward. Without a cache each call is one self-contained set of sequences (``ctx.batch_shape``; a flat input
 is one sequence).
 
-Legend: T tokens, B sequences, L positions of this call, S positions attended (cache included), D model width,
+Legend: T tokens, B sequences, L positions of this call, J positions attended (cache included), D model width,
 E experts, K experts per token.
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ class _GraphRouter(TopKRouter):
     """Top-k routing on ``P = A softmax(logits)`` for a token graph ``A`` given by :meth:`mix_scores`.
 
     Every :class:`~moekit.routing.topk.TopKRouter` option applies to ``P`` in place of the scores: selection
-    (with the auxiliary-loss-free bias and group limits), gate weights, and the balancing losses (``probs`` is
+    (with the auxiliary-loss-free bias and group limits), routing weights, and the balancing losses (``probs`` is
     ``P``; the z-loss uses the raw logits).
     """
 
@@ -95,27 +95,27 @@ class SimilarityRouter(_GraphRouter):
         B, L = ctx.sequences(num_tokens)
         x_BLD = x_TD.float().reshape(B, L, x_TD.shape[-1])
         scores_BLE = scores_TE.reshape(B, L, scores_TE.shape[-1])
-        x_BSD, past = self._with_past(ctx, "similarity.x", x_BLD)
-        scores_BSE, _ = self._with_past(ctx, "similarity.scores", scores_BLE)
+        x_BJD, past = self._with_past(ctx, "similarity.x", x_BLD)
+        scores_BJE, _ = self._with_past(ctx, "similarity.scores", scores_BLE)
         query_BLD = x_BLD @ self.similarity_weight.float()
-        sim_BLS = (query_BLD @ x_BSD.transpose(1, 2)) / self.tau
+        sim_BLJ = (query_BLD @ x_BJD.transpose(1, 2)) / self.tau
         if self.causal:
-            S = x_BSD.shape[1]
+            S = x_BJD.shape[1]
             query_pos_L = torch.arange(past, past + L, device=x_TD.device)
-            allowed_LS = torch.arange(S, device=x_TD.device)[None, :] <= query_pos_L[:, None]
-            sim_BLS = sim_BLS.masked_fill(~allowed_LS, float("-inf"))
+            allowed_LJ = torch.arange(S, device=x_TD.device)[None, :] <= query_pos_L[:, None]
+            sim_BLJ = sim_BLJ.masked_fill(~allowed_LJ, float("-inf"))
         mask_T = ctx.flat_mask(num_tokens, x_TD.device)
         if mask_T is not None and num_tokens:
             # padding of this call is no neighbour of any token (cached earlier positions count as real); a token
             # always sees itself, so no row is empty
-            S = x_BSD.shape[1]
-            key_real_BS = torch.ones(B, S, dtype=torch.bool, device=x_TD.device)
-            key_real_BS[:, past:] = mask_T.reshape(B, L)
-            self_LS = torch.arange(S, device=x_TD.device)[None, :] == torch.arange(past, past + L,
+            S = x_BJD.shape[1]
+            key_real_BJ = torch.ones(B, S, dtype=torch.bool, device=x_TD.device)
+            key_real_BJ[:, past:] = mask_T.reshape(B, L)
+            self_LJ = torch.arange(S, device=x_TD.device)[None, :] == torch.arange(past, past + L,
                                                                                    device=x_TD.device)[:, None]
-            sim_BLS = sim_BLS.masked_fill(~(key_real_BS[:, None, :] | self_LS[None]), float("-inf"))
-        graph_BLS = torch.softmax(sim_BLS, dim=-1)
-        return (graph_BLS @ scores_BSE).reshape(num_tokens, scores_TE.shape[-1])
+            sim_BLJ = sim_BLJ.masked_fill(~(key_real_BJ[:, None, :] | self_LJ[None]), float("-inf"))
+        graph_BLJ = torch.softmax(sim_BLJ, dim=-1)
+        return (graph_BLJ @ scores_BJE).reshape(num_tokens, scores_TE.shape[-1])
 
 
 @register("attention")
@@ -124,7 +124,7 @@ class AttentionRouter(_GraphRouter):
     Tokens", ICML 2025, arXiv:2505.00792): top-k of ``P = A softmax(x W_g^T)`` with ``A`` the head-averaged
     attention probabilities of the preceding attention layer.
 
-    The caller supplies ``A`` as ``ctx.attention_probs``, shape ``[B, L, S]`` (``S >= L``; the last
+    The caller supplies ``A`` as ``ctx.attention_probs``, shape ``[B, L, J]`` (``J >= L``; the last
     ``L`` key positions are this call's tokens, earlier ones come from the KV cache, whose scores the router
     stored in earlier calls). :class:`moekit.model.MoELM` does so for every MoE layer whose router has
     ``needs_attention = True``; its attention is causal, so the routing is. Options: every
@@ -134,24 +134,24 @@ class AttentionRouter(_GraphRouter):
     needs_attention = True
 
     def mix_scores(self, x_TD: torch.Tensor, scores_TE: torch.Tensor, ctx: RoutingContext) -> torch.Tensor:
-        graph_BLS = ctx.attention_probs
-        if graph_BLS is None:
+        graph_BLJ = ctx.attention_probs
+        if graph_BLJ is None:
             raise ValueError("router 'attention' needs the preceding attention layer's head-averaged attention "
-                             "probabilities [B, L, S] in ctx.attention_probs; moekit.model.MoELM supplies them, "
+                             "probabilities [B, L, J] in ctx.attention_probs; moekit.model.MoELM supplies them, "
                              "a standalone moekit.MoE needs them passed in its RoutingContext")
         num_tokens = x_TD.shape[0]
-        if graph_BLS.dim() == 2:
-            graph_BLS = graph_BLS.unsqueeze(0)
-        B, L, S = graph_BLS.shape
+        if graph_BLJ.dim() == 2:
+            graph_BLJ = graph_BLJ.unsqueeze(0)
+        B, L, S = graph_BLJ.shape
         if B * L != num_tokens or S < L:
-            raise ValueError(f"ctx.attention_probs has shape {tuple(graph_BLS.shape)}; expected "
-                             f"[B, L, S] with B * L = {num_tokens} routed tokens and S >= L")
-        scores_BSE, past = self._with_past(ctx, "attention.scores", scores_TE.reshape(B, L, scores_TE.shape[-1]))
-        if scores_BSE.shape[1] != S:
+            raise ValueError(f"ctx.attention_probs has shape {tuple(graph_BLJ.shape)}; expected "
+                             f"[B, L, J] with B * L = {num_tokens} routed tokens and J >= L")
+        scores_BJE, past = self._with_past(ctx, "attention.scores", scores_TE.reshape(B, L, scores_TE.shape[-1]))
+        if scores_BJE.shape[1] != S:
             raise ValueError(f"the attention matrix covers {S} key positions, but the router has scores for "
-                             f"{scores_BSE.shape[1]} ({past} cached + {L} new); pass the model's KV cache in "
+                             f"{scores_BJE.shape[1]} ({past} cached + {L} new); pass the model's KV cache in "
                              "ctx.kv_cache when attending to earlier positions")
-        return (graph_BLS.float() @ scores_BSE).reshape(num_tokens, scores_TE.shape[-1])
+        return (graph_BLJ.float() @ scores_BJE).reshape(num_tokens, scores_TE.shape[-1])
 
 
 def _top1_ids(routing) -> torch.Tensor:

@@ -17,7 +17,8 @@ top-1 with weight 1. The gate (``weight [E, D]``, ``bias [E]``, ``centroids [E, 
 no gradient reaches it and optimisers never see it. Before the first fit the gate is a fixed random
 projection.
 
-Legend: T tokens, D model width, E experts, K experts per token, N buffered contexts.
+Legend (docs/architecture.md): T tokens (of the call, or the buffered contexts), D model width, E experts, K experts
+per token, X = D + 1 (inputs with a bias column).
 """
 from __future__ import annotations
 
@@ -29,66 +30,66 @@ from .base import Router, Routing, RoutingContext, recomputing
 __all__ = ["MixERRouter", "kmeans", "least_squares_gate"]
 
 
-def _sq_distances(x_ND: torch.Tensor, c_ED: torch.Tensor) -> torch.Tensor:
-    return (x_ND.square().sum(1, keepdim=True) - 2 * x_ND @ c_ED.T + c_ED.square().sum(1)).clamp_min(0)
+def _sq_distances(x_TD: torch.Tensor, c_ED: torch.Tensor) -> torch.Tensor:
+    return (x_TD.square().sum(1, keepdim=True) - 2 * x_TD @ c_ED.T + c_ED.square().sum(1)).clamp_min(0)
 
 
-def kmeans(x_ND: torch.Tensor, num_clusters: int, *, init_ED: torch.Tensor | None = None, iters: int = 25,
+def kmeans(x_TD: torch.Tensor, num_clusters: int, *, init_ED: torch.Tensor | None = None, iters: int = 25,
            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's K-means; returns ``(centroids_ED, labels_N)``.
+    """Lloyd's K-means; returns ``(centroids_ED, labels_T)``.
 
     Starts from ``init_ED`` when given, else from k-means++ seeding. An empty cluster is re-seeded with the
     point farthest from its current centroid.
     """
-    x_ND = x_ND.double()
-    num_points = x_ND.shape[0]
+    x_TD = x_TD.double()
+    num_points = x_TD.shape[0]
     if init_ED is None:
         first = int(torch.randint(num_points, (1,), generator=generator))
-        centroids = [x_ND[first]]
-        d2_N = _sq_distances(x_ND, x_ND[first:first + 1]).squeeze(1)
+        centroids = [x_TD[first]]
+        d2_T = _sq_distances(x_TD, x_TD[first:first + 1]).squeeze(1)
         for _ in range(1, num_clusters):
-            total = float(d2_N.sum())
+            total = float(d2_T.sum())
             if total > 0:
-                nxt = int(torch.multinomial(d2_N / total, 1, generator=generator))
+                nxt = int(torch.multinomial(d2_T / total, 1, generator=generator))
             else:
                 nxt = int(torch.randint(num_points, (1,), generator=generator))
-            centroids.append(x_ND[nxt])
-            d2_N = torch.minimum(d2_N, _sq_distances(x_ND, x_ND[nxt:nxt + 1]).squeeze(1))
+            centroids.append(x_TD[nxt])
+            d2_T = torch.minimum(d2_T, _sq_distances(x_TD, x_TD[nxt:nxt + 1]).squeeze(1))
         c_ED = torch.stack(centroids)
     else:
         c_ED = init_ED.detach().double().clone()
-    labels_N = None
+    labels_T = None
     for _ in range(max(iters, 1)):
-        d2_NE = _sq_distances(x_ND, c_ED)
-        new_labels_N = d2_NE.argmin(dim=1)
-        counts_E = torch.bincount(new_labels_N, minlength=num_clusters)
+        d2_TE = _sq_distances(x_TD, c_ED)
+        new_labels_T = d2_TE.argmin(dim=1)
+        counts_E = torch.bincount(new_labels_T, minlength=num_clusters)
         for e in (counts_E == 0).nonzero().flatten().tolist():
-            far = int(d2_NE.gather(1, new_labels_N[:, None]).squeeze(1).argmax())
-            new_labels_N[far] = e
-            d2_NE[far] = 0
-        if labels_N is not None and torch.equal(new_labels_N, labels_N):
+            far = int(d2_TE.gather(1, new_labels_T[:, None]).squeeze(1).argmax())
+            new_labels_T[far] = e
+            d2_TE[far] = 0
+        if labels_T is not None and torch.equal(new_labels_T, labels_T):
             break
-        labels_N = new_labels_N
-        sums_ED = torch.zeros_like(c_ED).index_add_(0, labels_N, x_ND)
-        c_ED = sums_ED / torch.bincount(labels_N, minlength=num_clusters).clamp_min(1)[:, None].to(x_ND.dtype)
-    return c_ED, labels_N
+        labels_T = new_labels_T
+        sums_ED = torch.zeros_like(c_ED).index_add_(0, labels_T, x_TD)
+        c_ED = sums_ED / torch.bincount(labels_T, minlength=num_clusters).clamp_min(1)[:, None].to(x_TD.dtype)
+    return c_ED, labels_T
 
 
-def least_squares_gate(x_ND: torch.Tensor, labels_N: torch.Tensor, num_experts: int,
+def least_squares_gate(x_TD: torch.Tensor, labels_T: torch.Tensor, num_experts: int,
                        ridge: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least squares ``[x, 1] -> one_hot(label)``; returns ``(weight_ED, bias_E)`` (float64).
 
     Minimises ``||[X 1] B - Y||^2 + ridge * N * ||B||^2`` (the bias column is not penalised).
     """
-    x_ND = x_ND.double()
-    num_points, dim = x_ND.shape
-    a_NA = torch.cat([x_ND, torch.ones(num_points, 1, dtype=x_ND.dtype, device=x_ND.device)], dim=1)
-    y_NE = torch.nn.functional.one_hot(labels_N, num_experts).to(x_ND.dtype)
-    penalty_A = torch.full((dim + 1,), ridge * num_points, dtype=x_ND.dtype, device=x_ND.device)
-    penalty_A[-1] = 0
-    gram_AA = a_NA.T @ a_NA + torch.diag(penalty_A)
-    b_AE = torch.linalg.lstsq(gram_AA, a_NA.T @ y_NE).solution
-    return b_AE[:-1].T.contiguous(), b_AE[-1].contiguous()
+    x_TD = x_TD.double()
+    num_points, dim = x_TD.shape
+    a_TX = torch.cat([x_TD, torch.ones(num_points, 1, dtype=x_TD.dtype, device=x_TD.device)], dim=1)
+    y_TE = torch.nn.functional.one_hot(labels_T, num_experts).to(x_TD.dtype)
+    penalty_X = torch.full((dim + 1,), ridge * num_points, dtype=x_TD.dtype, device=x_TD.device)
+    penalty_X[-1] = 0
+    gram_XX = a_TX.T @ a_TX + torch.diag(penalty_X)
+    b_XE = torch.linalg.lstsq(gram_XX, a_TX.T @ y_TE).solution
+    return b_XE[:-1].T.contiguous(), b_XE[-1].contiguous()
 
 
 @register("mixer")
@@ -163,21 +164,21 @@ class MixERRouter(Router):
         return Routing.from_topk(topk_ids_TK, weights_TK, self.num_experts, logits=scores_TE, token_mask=mask_T)
 
     @torch.no_grad()
-    def fit(self, contexts_ND: torch.Tensor) -> torch.Tensor:
-        """Refit the gate on ``contexts_ND``: K-means, then least squares; returns the K-means labels."""
-        if contexts_ND.shape[0] < self.num_experts:
-            raise ValueError(f"fit needs at least num_experts={self.num_experts} contexts, got {contexts_ND.shape[0]}")
+    def fit(self, contexts_TD: torch.Tensor) -> torch.Tensor:
+        """Refit the gate on ``contexts_TD``: K-means, then least squares; returns the K-means labels."""
+        if contexts_TD.shape[0] < self.num_experts:
+            raise ValueError(f"fit needs at least num_experts={self.num_experts} contexts, got {contexts_TD.shape[0]}")
         generator = torch.Generator().manual_seed(self.seed + int(self.num_fits))
         init = self.centroids if int(self.num_fits) > 0 else None
-        x_ND = contexts_ND.detach().to("cpu", torch.float64)
-        centroids_ED, labels_N = kmeans(x_ND, self.num_experts, init_ED=None if init is None else init.cpu(),
+        x_TD = contexts_TD.detach().to("cpu", torch.float64)
+        centroids_ED, labels_T = kmeans(x_TD, self.num_experts, init_ED=None if init is None else init.cpu(),
                                         iters=self.kmeans_iters, generator=generator)
-        weight_ED, bias_E = least_squares_gate(x_ND, labels_N, self.num_experts, self.ridge)
+        weight_ED, bias_E = least_squares_gate(x_TD, labels_T, self.num_experts, self.ridge)
         self.centroids.copy_(centroids_ED.to(self.centroids))
         self.weight.copy_(weight_ED.to(self.weight))
         self.bias.copy_(bias_E.to(self.bias))
         self.num_fits += 1
-        return labels_N
+        return labels_T
 
     def balancing_state(self) -> dict:
         return {"steps": self._steps}

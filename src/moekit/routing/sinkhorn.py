@@ -21,7 +21,7 @@ from ._common import (EVAL_ROUTINGS, check_choice, check_positive, merge_topk_ro
                       topk_renormalised_routing)
 from .base import Router, Routing, RoutingContext
 
-GATES = ("softmax", "sigmoid", "plan")
+WEIGHT_SOURCES = ("softmax", "sigmoid", "plan")
 
 
 def log_sinkhorn(scores_TE: torch.Tensor, log_row_T: torch.Tensor, log_col_E: torch.Tensor, n_iters: int,
@@ -89,7 +89,7 @@ def balanced_marginals(num_tokens: int, num_experts: int, token_mass: float, lik
 
 @register("sinkhorn")
 class SinkhornRouter(Router):
-    """Top-k of a balanced transport plan for selection; gate weights from the softmax (Megatron) or the plan.
+    """Top-k of a balanced transport plan for selection; routing weights from the softmax (Megatron) or the plan.
 
     In training, the plan ``P`` (``T x E``) maximises ``<P, logits> + epsilon * H(P)`` with every token
     carrying mass K and every expert receiving ``T * K / E`` (the balanced load of top-k routing); each token
@@ -111,10 +111,10 @@ class SinkhornRouter(Router):
             each warm-started), about ``log2(1 / epsilon)`` stages of at most ``n_iters`` iterations each
             instead of the ~``1 / epsilon`` iterations a cold start needs; a small ``tol`` (1e-5) makes the
             agreement exact more often. Trade-offs: compute grows with the number of stages; with
-            ``gate="plan"`` the backward pass goes through every iteration of every stage (memory grows
+            ``weights_from="plan"`` the backward pass goes through every iteration of every stage (memory grows
             likewise) and the plan's gradient vanishes as the plan hardens to 0/1, so small temperatures suit
-            the default ``"softmax"`` gate (plan without gradient).
-        gate: ``"softmax"`` (default): the softmax score of each chosen expert, the plan computed without
+            the default ``weights_from="softmax"`` (plan without gradient).
+        weights_from: where the routing weights come from: ``"softmax"`` (default): the softmax score of each chosen expert, the plan computed without
             gradient (Megatron-Core for K > 1); ``"sigmoid"``: the sigmoid of the logit (Megatron-Core for
             K = 1); ``"plan"``: the chosen plan entries renormalised over the K chosen, differentiable through
             the Sinkhorn iterations.
@@ -125,7 +125,7 @@ class SinkhornRouter(Router):
     Balanced by construction, so no auxiliary loss. Not causal in training: a token's experts depend on the
     whole batch, later tokens included (document this for autoregressive models; use the eval fallback for
     generation). Checked against Megatron-Core (``sinkhorn`` and ``sinkhorn_load_balancing``: plan on fp32
-    logits, top-k of the plan, gate from the activation of the logits, plain top-k in eval) and against the
+    logits, top-k of the plan, routing weights from the activation of the logits, plain top-k in eval) and against the
     optimal balanced assignment (``scipy.optimize.linear_sum_assignment``) in the tests.
     """
 
@@ -133,22 +133,22 @@ class SinkhornRouter(Router):
     balances_itself = True
 
     def __init__(self, dim: int, num_experts: int, top_k: int, *, n_iters: int = 50, epsilon: float = 1.0,
-                 tol: float = 1e-4, gate: str = "softmax", eval_routing: str = "token_choice"):
+                 tol: float = 1e-4, weights_from: str = "softmax", eval_routing: str = "token_choice"):
         super().__init__(dim, num_experts, top_k)
         check_positive("n_iters", n_iters, integer=True)
         check_positive("epsilon", epsilon)
         check_positive("tol", tol, allow_zero=True)
-        check_choice("gate", gate, GATES)
+        check_choice("weights_from", weights_from, WEIGHT_SOURCES)
         check_choice("eval_routing", eval_routing, EVAL_ROUTINGS)
         self.n_iters = n_iters
         self.epsilon = float(epsilon)
         self.tol = float(tol)
-        self.gate = gate
+        self.weights_from = weights_from
         self.eval_routing = eval_routing
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, num_experts={self.num_experts}, top_k={self.top_k}, n_iters={self.n_iters}, "
-                f"epsilon={self.epsilon}, gate={self.gate}, eval_routing={self.eval_routing}")
+                f"epsilon={self.epsilon}, weights_from={self.weights_from}, eval_routing={self.eval_routing}")
 
     def log_plan(self, logits_TE: torch.Tensor) -> torch.Tensor:
         """Log of the balanced plan: rows sum to K, columns to ``T * K / E``."""
@@ -175,10 +175,10 @@ class SinkhornRouter(Router):
 
     def _route(self, logits_TE: torch.Tensor, balanced: bool) -> Routing:
         probs_TE = torch.softmax(logits_TE, dim=-1)
-        if balanced and self.gate == "plan" and logits_TE.shape[0] > 0:
+        if balanced and self.weights_from == "plan" and logits_TE.shape[0] > 0:
             return topk_renormalised_routing(self.log_plan(logits_TE), self.top_k, self.num_experts,
                                              logits=logits_TE, probs=probs_TE)
-        scores_TE = torch.sigmoid(logits_TE) if self.gate == "sigmoid" else probs_TE
+        scores_TE = torch.sigmoid(logits_TE) if self.weights_from == "sigmoid" else probs_TE
         if balanced and logits_TE.shape[0] > 0:
             with torch.no_grad():
                 choice_TE = self.log_plan(logits_TE.detach())
@@ -186,6 +186,6 @@ class SinkhornRouter(Router):
             choice_TE = scores_TE.detach()
         topk_ids_TK = torch.topk(choice_TE, self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, topk_ids_TK)
-        if self.gate == "plan":  # eval fallback of the plan gate: renormalised like the plan weights
+        if self.weights_from == "plan":  # eval fallback of plan weights: renormalised like the plan weights
             weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).clamp_min(1e-20)
         return Routing.from_topk(topk_ids_TK, weights_TK, self.num_experts, logits=logits_TE, probs=probs_TE)

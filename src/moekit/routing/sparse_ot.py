@@ -27,11 +27,11 @@ same plan: a per-token shift of the cost is absorbed by alpha); every token carr
 receives ``T * K / E``; a token's experts are the nonzeros of its row of ``P(alpha)`` (0..E of them), its gate
 weights that row renormalised to sum to one. Column sums and the k-sparsity hold exactly whatever the number
 of solver iterations; the token marginals are met to the solver's tolerance. The solver runs without
-gradient; the gate weights are then recomputed from the logits at the fixed alpha, so they carry gradients
+gradient; the routing weights are then recomputed from the logits at the fixed alpha, so they carry gradients
 to the router weight through the sparse projection (alpha's own dependence on the logits is ignored).
 
 Legend: T tokens, D model width, E experts, K experts per token, k (``kk`` in names) tokens per expert,
-N any row length.
+X any row length.
 """
 from __future__ import annotations
 
@@ -51,18 +51,18 @@ def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (u * v).sum()
 
 
-def simplex_projection_sorted(u_EN: torch.Tensor, mass_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Project each row of ``u_EN`` (sorted in descending order) onto ``{p >= 0, sum p = mass}``.
+def simplex_projection_sorted(u_EX: torch.Tensor, mass_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Project each row of ``u_EX`` (sorted in descending order) onto ``{p >= 0, sum p = mass}``.
 
     Returns the projection and ``rho_E``, its number of nonzeros (they are the first ``rho`` of each row):
     ``tau = (sum_{i <= rho} u_i - mass) / rho`` with ``rho = max{r : u_r > (sum_{i <= r} u_i - mass) / r}``,
     ``p = max(u - tau, 0)`` (the sort-based projection of Held et al. 1974 and Duchi et al. 2008).
     """
-    rank_N = torch.arange(1, u_EN.shape[1] + 1, dtype=u_EN.dtype, device=u_EN.device)
-    excess_EN = u_EN.cumsum(dim=1) - mass_E[:, None]
-    rho_E = (u_EN * rank_N > excess_EN).sum(dim=1).clamp_min(1)
-    tau_E = excess_EN.gather(1, (rho_E - 1)[:, None]) / rho_E[:, None]
-    return (u_EN - tau_E).clamp_min(0), rho_E
+    rank_X = torch.arange(1, u_EX.shape[1] + 1, dtype=u_EX.dtype, device=u_EX.device)
+    excess_EX = u_EX.cumsum(dim=1) - mass_E[:, None]
+    rho_E = (u_EX * rank_X > excess_EX).sum(dim=1).clamp_min(1)
+    tau_E = excess_EX.gather(1, (rho_E - 1)[:, None]) / rho_E[:, None]
+    return (u_EX - tau_E).clamp_min(0), rho_E
 
 
 def column_plans(alpha_T: torch.Tensor, scores_ET: torch.Tensor, mass_E: torch.Tensor, max_tokens: int,

@@ -52,7 +52,7 @@ def ssr_log_plan(logits_TE: torch.Tensor, epsilon: float, cost: str, n_iters: in
 class SelectiveSinkhornRouter(Router):
     """Softmax top-k routing; on a fraction ``sinkhorn_prob`` of training calls, top-k of a balanced OT plan.
 
-    On a Sinkhorn call the gate weights are the plan entries renormalised over the K chosen experts and carry
+    On a Sinkhorn call the routing weights are the plan entries renormalised over the K chosen experts and carry
     gradients through the Sinkhorn iterations; on the other calls, and always in eval mode, each token takes
     its top-k softmax experts with the K scores renormalised (softmax over the chosen logits). No auxiliary
     loss. Balanced by construction only on Sinkhorn calls (``balances_itself`` is False, but

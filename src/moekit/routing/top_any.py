@@ -38,7 +38,7 @@ class TopAnyRouter(TopKRouter):
 
     Training: a binary Gumbel-softmax sample ``m = sigmoid((l + logistic noise) / mask_tau)`` per top-k slot,
     hardened to ``m > 0.5`` with a straight-through gradient (a token with no slot kept keeps its highest
-    ``m``); the gate weight of slot ``k`` is ``w_k * m_k``. Every top-k pair stays in the routing (weight 0
+    ``m``); the routing weight of slot ``k`` is ``w_k * m_k``. Every top-k pair stays in the routing (weight 0
     when dropped) so the straight-through gradient reaches the mask. Auxiliary loss ``"keep"``:
     ``sparsity_coef * mean(sigmoid(l))``, the expected kept fraction, on top of the top-k router's own losses
     (computed on the unpruned top-k).

@@ -7,7 +7,7 @@ Lepikhin et al. 2020, GShard (arXiv:2006.16668); Jiang et al. 2024, Mixtral (arX
 over the selected K; DeepSeek-AI 2024, DeepSeek-V3 (arXiv:2412.19437, section 2.1.2) for sigmoid scores,
 node/group-limited selection, the scaling factor and the bias used for selection only.
 
-Legend: T tokens, D model width, E experts, K experts per token, G expert groups.
+Legend: T tokens, D model width, E experts, K experts per token, Q expert groups.
 """
 from __future__ import annotations
 
@@ -44,11 +44,11 @@ def group_limited_mask(choice_TE: torch.Tensor, num_groups: int, topk_groups: in
     """
     num_tokens, num_experts = choice_TE.shape
     group_size = num_experts // num_groups
-    grouped_TGX = choice_TE.view(num_tokens, num_groups, group_size)
-    group_scores_TG = grouped_TGX.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
-    top_groups_TG = group_scores_TG.topk(topk_groups, dim=-1).indices
-    group_mask_TG = torch.zeros_like(group_scores_TG, dtype=torch.bool).scatter_(1, top_groups_TG, True)
-    return group_mask_TG.unsqueeze(-1).expand(-1, -1, group_size).reshape(num_tokens, num_experts)
+    grouped_TQX = choice_TE.view(num_tokens, num_groups, group_size)
+    group_scores_TQ = grouped_TQX.topk(min(2, group_size), dim=-1).values.sum(dim=-1)
+    top_groups_TQ = group_scores_TQ.topk(topk_groups, dim=-1).indices
+    group_mask_TQ = torch.zeros_like(group_scores_TQ, dtype=torch.bool).scatter_(1, top_groups_TQ, True)
+    return group_mask_TQ.unsqueeze(-1).expand(-1, -1, group_size).reshape(num_tokens, num_experts)
 
 
 @register("topk")
@@ -60,7 +60,7 @@ class TopKRouter(Router):
         norm_topk: renormalise the K selected weights to sum to one (Mixtral: True, OLMoE: False). With
             ``top_k=1`` this makes every weight 1 (times ``scaling_factor``) and the router gets no gradient
             from the task loss: a ``UserWarning`` at construction.
-        scaling_factor: multiply the gate weights (DeepSeek-V3's ``routed_scaling_factor``).
+        scaling_factor: multiply the routing weights (DeepSeek-V3's ``routed_scaling_factor``).
         num_groups, topk_groups: group-limited selection (DeepSeek-V3): keep the ``topk_groups`` best of
             ``num_groups`` equal expert groups, then take the top-k inside them. ``num_groups=1`` disables it.
         jitter: multiplicative uniform noise ``x * U(1-jitter, 1+jitter)`` on the router input in training
@@ -123,7 +123,7 @@ class TopKRouter(Router):
         if not scaling_factor > 0:
             raise ValueError(f"scaling_factor must be > 0, got {scaling_factor!r}")
         if top_k == 1 and norm_topk:
-            warnings.warn(f"{type(self).__name__}: top_k=1 with norm_topk=True makes every gate weight "
+            warnings.warn(f"{type(self).__name__}: top_k=1 with norm_topk=True makes every routing weight "
                           f"{scaling_factor:g}, so the task loss sends no gradient to the router (only the "
                           "auxiliary losses train it); use norm_topk=False with top_k=1", UserWarning, stacklevel=2)
         self.score_func = score_func
@@ -160,7 +160,7 @@ class TopKRouter(Router):
         return scores_TE
 
     def select(self, scores_TE: torch.Tensor, logits_TE: torch.Tensor, ctx: RoutingContext) -> Routing:
-        """Top-k selection on ``scores_TE`` (plus the selection bias, within the allowed groups), gate weights
+        """Top-k selection on ``scores_TE`` (plus the selection bias, within the allowed groups), routing weights
         from the scores, balancing losses in training."""
         choice_TE = scores_TE
         if self.bias_update is not None:

@@ -9,7 +9,7 @@ This is the gate-level profiling stage of GateBreaker (Wu et al. 2025, "GateBrea
 Mixture-of-Expert LLMs", arXiv:2512.21008), which finds the "safety experts" routed disproportionately on
 harmful inputs, and the domain-expert localisation behind EASY-EP ("Domain-Specific Pruning of Large
 Mixture-of-Experts Models with Few-shot Demonstrations", 2025), which keeps the experts a domain's few-shot
-demonstrations activate. With ``measure="weight"`` the per-token value is the gate weight (0 when not routed),
+demonstrations activate. With ``measure="weight"`` the per-token value is the routing weight (0 when not routed),
 EASY-EP's importance without its expert-output norm, which a trace does not hold.
 
 Bootstrap: the resampling unit is the document (``doc_ids``) when every token of both groups has one, else the
@@ -19,7 +19,8 @@ documents keeps the correlation between a document's tokens, so intervals are ho
 understates their width when tokens of a document route alike. No correction for testing ``L * E`` experts is
 applied: at 95 % about 5 % of experts with no true difference still get an interval excluding 0.
 
-Legend: L layers, E experts, U resampling units, R resamples, F = L * E flattened (layer, expert) cells.
+Legend (docs/architecture.md): I layers, E experts, U resampling units, R resamples, Z = I * E flattened (layer,
+expert) cells.
 """
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ class DisparateExpert:
 
 @dataclass
 class Disparity:
-    """Per (layer, expert) routing of group A vs group B (all arrays ``[L, E]``).
+    """Per (layer, expert) routing of group A vs group B (all arrays ``[I, E]``).
 
-    ``value_a``/``value_b``: routing frequency (or mean gate weight) in each group; ``difference`` = A - B;
+    ``value_a``/``value_b``: routing frequency (or mean routing weight) in each group; ``difference`` = A - B;
     ``ci_low``/``ci_high``: the bootstrap ``confidence`` interval of the difference.
     """
 
@@ -79,7 +80,7 @@ class Disparity:
 
     @property
     def significant(self) -> np.ndarray:
-        """``[L, E]`` bool: the interval excludes 0."""
+        """``[I, E]`` bool: the interval excludes 0."""
         return (self.ci_low > 0) | (self.ci_high < 0)
 
     def top(self, n: int = 10, significant_only: bool = True) -> list[DisparateExpert]:
@@ -98,17 +99,17 @@ class _Group:
     """One group's per-cell value and, for resampling by unit, its per-unit sums (dense ``[U, F]`` when small,
     else a sparse ``[F, U]`` torch tensor)."""
 
-    value_F: np.ndarray
+    value_Z: np.ndarray
     num_tokens: int
     tokens_U: np.ndarray | None = None
-    sums_UF: np.ndarray | None = None
-    sums_FU: torch.Tensor | None = None
+    sums_UZ: np.ndarray | None = None
+    sums_ZU: torch.Tensor | None = None
 
-    def resampled_sums(self, w_RU: np.ndarray) -> np.ndarray:
-        """``[R, F]``: per-cell sums of a resample that takes unit u ``w_RU[r, u]`` times."""
-        if self.sums_UF is not None:
-            return w_RU @ self.sums_UF
-        return torch.sparse.mm(self.sums_FU, torch.from_numpy(np.ascontiguousarray(w_RU.T))).numpy().T
+    def resampled_sums(self, w_WU: np.ndarray) -> np.ndarray:
+        """``[R, F]``: per-cell sums of a resample that takes unit u ``w_WU[r, u]`` times."""
+        if self.sums_UZ is not None:
+            return w_WU @ self.sums_UZ
+        return torch.sparse.mm(self.sums_ZU, torch.from_numpy(np.ascontiguousarray(w_WU.T))).numpy().T
 
 
 def _token_index(trace: Trace, tokens) -> np.ndarray:
@@ -124,15 +125,15 @@ def _token_index(trace: Trace, tokens) -> np.ndarray:
 
 def _values(trace: Trace, index_T: np.ndarray, measure: str) -> tuple[np.ndarray, np.ndarray]:
     """Flat (token row, cell) pairs and their values for the selected tokens: cell = layer * E + expert."""
-    experts_LTK = trace.experts.numpy()[:, index_T].astype(np.int64)
-    weights_LTK = trace.weights.numpy()[:, index_T].astype(np.float64)
-    L, T, K = experts_LTK.shape
-    ok_LTK = experts_LTK >= 0
-    layer_LTK = np.broadcast_to(np.arange(L)[:, None, None], ok_LTK.shape)
-    row_LTK = np.broadcast_to(np.arange(T)[None, :, None], ok_LTK.shape)
-    cell = layer_LTK[ok_LTK] * trace.num_experts + experts_LTK[ok_LTK]
-    value = np.ones(cell.size) if measure == "frequency" else weights_LTK[ok_LTK]
-    return row_LTK[ok_LTK], cell, value
+    experts_ITK = trace.experts.numpy()[:, index_T].astype(np.int64)
+    weights_ITK = trace.weights.numpy()[:, index_T].astype(np.float64)
+    L, T, K = experts_ITK.shape
+    ok_ITK = experts_ITK >= 0
+    layer_ITK = np.broadcast_to(np.arange(L)[:, None, None], ok_ITK.shape)
+    row_ITK = np.broadcast_to(np.arange(T)[None, :, None], ok_ITK.shape)
+    cell = layer_ITK[ok_ITK] * trace.num_experts + experts_ITK[ok_ITK]
+    value = np.ones(cell.size) if measure == "frequency" else weights_ITK[ok_ITK]
+    return row_ITK[ok_ITK], cell, value
 
 
 def _group(trace: Trace, index_T: np.ndarray, unit: str, measure: str, by_unit: bool) -> _Group:
@@ -140,9 +141,9 @@ def _group(trace: Trace, index_T: np.ndarray, unit: str, measure: str, by_unit: 
         raise ValueError("a disparity group has no tokens")
     F = trace.num_layers * trace.num_experts
     rows, cells, values = _values(trace, index_T, measure)
-    value_F = np.bincount(cells, weights=values, minlength=F) / index_T.size
+    value_Z = np.bincount(cells, weights=values, minlength=F) / index_T.size
     if not by_unit:
-        return _Group(value_F, int(index_T.size))
+        return _Group(value_Z, int(index_T.size))
     keys = {"document": trace.doc_ids, "sequence": trace.seq_ids}.get(unit)
     keys = np.arange(index_T.size) if keys is None else keys.numpy()[index_T]
     if (keys < 0).any():
@@ -151,26 +152,26 @@ def _group(trace: Trace, index_T: np.ndarray, unit: str, measure: str, by_unit: 
     U = int(unit_T.max()) + 1
     tokens_U = np.bincount(unit_T, minlength=U).astype(np.float64)
     if U * F <= _MAX_DENSE_SUMS:
-        sums_UF = np.bincount(unit_T[rows] * F + cells, weights=values, minlength=U * F).reshape(U, F)
-        return _Group(value_F, int(index_T.size), tokens_U, sums_UF=sums_UF)
+        sums_UZ = np.bincount(unit_T[rows] * F + cells, weights=values, minlength=U * F).reshape(U, F)
+        return _Group(value_Z, int(index_T.size), tokens_U, sums_UZ=sums_UZ)
     index_2P = torch.from_numpy(np.stack([cells, unit_T[rows]]))
-    sums_FU = torch.sparse_coo_tensor(index_2P, torch.from_numpy(values), (F, U), dtype=torch.float64,
+    sums_ZU = torch.sparse_coo_tensor(index_2P, torch.from_numpy(values), (F, U), dtype=torch.float64,
                                       check_invariants=False).coalesce()
-    return _Group(value_F, int(index_T.size), tokens_U, sums_FU=sums_FU)
+    return _Group(value_Z, int(index_T.size), tokens_U, sums_ZU=sums_ZU)
 
 
 def _resample(group: _Group, num_resamples: int, rng: np.random.Generator) -> np.ndarray:
     """``[R, F]`` bootstrap replicates of the group's per-cell value."""
     if group.tokens_U is None:  # token units and 0/1 values: the resampled count of each cell is binomial
-        p_F = np.clip(group.value_F, 0.0, 1.0)
-        return rng.binomial(group.num_tokens, p_F, size=(num_resamples, p_F.size)) / group.num_tokens
+        p_Z = np.clip(group.value_Z, 0.0, 1.0)
+        return rng.binomial(group.num_tokens, p_Z, size=(num_resamples, p_Z.size)) / group.num_tokens
     U = group.tokens_U.size
     chunk = max(1, _MAX_WEIGHT_ENTRIES // U)
-    out = np.empty((num_resamples, group.value_F.size))
+    out = np.empty((num_resamples, group.value_Z.size))
     uniform_U = np.full(U, 1.0 / U)
     for start in range(0, num_resamples, chunk):
-        w_RU = rng.multinomial(U, uniform_U, size=min(chunk, num_resamples - start)).astype(np.float64)
-        out[start:start + w_RU.shape[0]] = group.resampled_sums(w_RU) / (w_RU @ group.tokens_U)[:, None]
+        w_WU = rng.multinomial(U, uniform_U, size=min(chunk, num_resamples - start)).astype(np.float64)
+        out[start:start + w_WU.shape[0]] = group.resampled_sums(w_WU) / (w_WU @ group.tokens_U)[:, None]
     return out
 
 
@@ -192,7 +193,7 @@ def routing_disparity(trace_a: Trace, trace_b: Trace | None = None, tokens_a=Non
     (tokens ``tokens_b`` of ``trace_b``, which defaults to ``trace_a``).
 
     ``tokens_*``: a boolean mask ``[T]`` or token indices. ``measure``: ``"frequency"`` (fraction of the
-    group's tokens routed to the expert) or ``"weight"`` (mean gate weight, 0 when not routed). ``unit``: the
+    group's tokens routed to the expert) or ``"weight"`` (mean routing weight, 0 when not routed). ``unit``: the
     bootstrap resampling unit, ``"auto"`` (documents when known, else tokens), ``"document"``, ``"sequence"`` or
     ``"token"``. Vectorised: one ``[R, U] @ [U, L*E]`` product per group (per-unit sums dense, or sparse when
     large), and for token units with ``measure="frequency"`` an exact binomial draw per cell: 1000 resamples of
@@ -217,14 +218,14 @@ def routing_disparity(trace_a: Trace, trace_b: Trace | None = None, tokens_a=Non
     group_a, group_b = (_group(trace_a, index_a, unit, measure, by_unit),
                         _group(trace_b, index_b, unit, measure, by_unit))
     rng = np.random.default_rng(seed)
-    diff_RF = _resample(group_a, num_resamples, rng) - _resample(group_b, num_resamples, rng)
+    diff_WZ = _resample(group_a, num_resamples, rng) - _resample(group_b, num_resamples, rng)
     alpha = 1.0 - confidence
-    low_F, high_F = np.quantile(diff_RF, [alpha / 2, 1 - alpha / 2], axis=0)
+    low_Z, high_Z = np.quantile(diff_WZ, [alpha / 2, 1 - alpha / 2], axis=0)
     shape = (trace_a.num_layers, trace_a.num_experts)
-    value_a, value_b = group_a.value_F.reshape(shape), group_b.value_F.reshape(shape)
+    value_a, value_b = group_a.value_Z.reshape(shape), group_b.value_Z.reshape(shape)
     return Disparity(
         label_a=str(labels[0]), label_b=str(labels[1]), value_a=value_a, value_b=value_b,
-        difference=value_a - value_b, ci_low=low_F.reshape(shape), ci_high=high_F.reshape(shape),
+        difference=value_a - value_b, ci_low=low_Z.reshape(shape), ci_high=high_Z.reshape(shape),
         tokens_a=group_a.num_tokens, tokens_b=group_b.num_tokens, units_a=_units(group_a),
         units_b=_units(group_b), unit=unit, measure=measure, confidence=confidence,
         num_resamples=num_resamples, seed=seed, layer_names=list(trace_a.layer_names))

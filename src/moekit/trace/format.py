@@ -4,7 +4,7 @@ A trace records, for ``T`` tokens and ``L`` MoE layers, the experts each token w
 weights (optionally the router logits), with each token's id, position, document, domain and sequence. It is
 what ``moekit trace`` writes and what the report, the Hugging Face integration, compression and serving read.
 
-Legend: L MoE layers, T tokens, K experts per token (the maximum over tokens; shorter rows are padded with
+Legend (docs/architecture.md): I MoE layers, T tokens, K experts per token (the maximum over tokens; shorter rows are padded with
 expert ``-1``, weight 0), E experts.
 """
 from __future__ import annotations
@@ -66,10 +66,10 @@ class Trace:
     """Routing of ``T`` tokens through ``L`` MoE layers (all tensors on the CPU).
 
     Tensors (the names are those of the file):
-        experts: ``[L, T, K]`` int16 (int32 when ``num_experts > 32767``): the experts of each token, sorted by
-            descending gate weight; ``-1`` pads rows with fewer than ``K`` experts (pads come last).
-        weights: ``[L, T, K]`` float32 gate weights, 0 at pads.
-        logits: optional ``[L, T, E]`` float16 or float32 router logits (``E = num_experts``).
+        experts: ``[I, T, K]`` int16 (int32 when ``num_experts > 32767``): the experts of each token, sorted by
+            descending routing weight; ``-1`` pads rows with fewer than ``K`` experts (pads come last).
+        weights: ``[I, T, K]`` float32 routing weights, 0 at pads.
+        logits: optional ``[I, T, E]`` float16 or float32 router logits (``E = num_experts``).
         tokens, positions, doc_ids, domain_ids, seq_ids: ``[T]`` int32 per-token annotations, ``-1`` unknown.
     Header: ``num_experts`` (E, the widest layer), ``num_experts_per_layer`` (defaults to E for every layer),
     ``layer_names`` (module names, ``L`` of them), ``domain_names`` (index = domain id), ``model`` and ``source``
@@ -142,8 +142,8 @@ class Trace:
         valid = experts >= 0
         if experts.numel() and int(experts.min()) < -1:
             raise ValueError("experts must be >= -1 (-1 pads)")
-        limit_L11 = torch.tensor(self.num_experts_per_layer).view(-1, 1, 1)
-        if bool((experts >= limit_L11).any()):
+        limit_I11 = torch.tensor(self.num_experts_per_layer).view(-1, 1, 1)
+        if bool((experts >= limit_I11).any()):
             raise ValueError("experts holds an expert id >= the layer's number of experts")
         if bool((valid[..., 1:] & ~valid[..., :-1]).any()):
             raise ValueError("experts: -1 pads must come after a token's experts")

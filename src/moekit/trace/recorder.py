@@ -14,7 +14,7 @@ choice, thresholds) fits. Calls concatenate along the token axis. Tokens masked 
 (``RoutingContext.token_mask``, carried on the routing) are not recorded: they and their annotations
 (``annotate`` takes one value per token of the call, padding included) are left out of the trace.
 
-Legend: T tokens, K experts per token, E experts, S routed pairs.
+Legend (docs/architecture.md): I layers, T tokens, K experts per token, E experts, S routed pairs.
 """
 from __future__ import annotations
 
@@ -206,22 +206,22 @@ class RoutingRecorder:
                 if any(c.logits_TE is None for c in calls):
                     raise ValueError(f"keep_logits: the router of layer {name} gives no logits")
         width = max(c.experts_TK.shape[1] for calls in self._calls for c in calls)
-        experts_LTK = torch.stack([torch.cat([_pad_width(c.experts_TK, width, -1) for c in calls])
+        experts_ITK = torch.stack([torch.cat([_pad_width(c.experts_TK, width, -1) for c in calls])
                                    for calls in self._calls])
-        weights_LTK = torch.stack([torch.cat([_pad_width(c.weights_TK, width, 0.0) for c in calls])
+        weights_ITK = torch.stack([torch.cat([_pad_width(c.weights_TK, width, 0.0) for c in calls])
                                    for calls in self._calls])
         if keep is not None:  # padding is not recorded
-            experts_LTK, weights_LTK = experts_LTK[:, keep], weights_LTK[:, keep]
+            experts_ITK, weights_ITK = experts_ITK[:, keep], weights_ITK[:, keep]
         per_layer = [calls[0].num_experts for calls in self._calls]
         num_experts = max(per_layer)
-        logits_LTE = None
+        logits_ITE = None
         if self.keep_logits:
-            logits_LTE = torch.stack([torch.cat([_pad_width(c.logits_TE, num_experts, float("-inf")) for c in calls])
+            logits_ITE = torch.stack([torch.cat([_pad_width(c.logits_TE, num_experts, float("-inf")) for c in calls])
                                       for calls in self._calls])
             if keep is not None:
-                logits_LTE = logits_LTE[:, keep]
-        return Trace(experts=experts_LTK, weights=weights_LTK, num_experts=num_experts,
-                     layer_names=self.layer_names, logits=logits_LTE, domain_names=list(domain_names),
+                logits_ITE = logits_ITE[:, keep]
+        return Trace(experts=experts_ITK, weights=weights_ITK, num_experts=num_experts,
+                     layer_names=self.layer_names, logits=logits_ITE, domain_names=list(domain_names),
                      num_experts_per_layer=per_layer, model={**self._model_info(), **(model or {})},
                      source=dict(source or {}), **self._token_fields(call_sizes))
 

@@ -12,7 +12,7 @@ are predicted from layer l's: the hit rate and top-1 accuracy that Fate, "Accura
 Inference via Cross-Layer Gate", 2025, reports for its prefetcher), :func:`domain_expert_frequency`.
 Disparity: :func:`routing_disparity` and :func:`disparity_by_domain` live in :mod:`moekit.trace.disparity`.
 
-Legend: L layers, T tokens, K experts per token (``-1`` pads), E experts, D domains.
+Legend (docs/architecture.md): I layers, T tokens, K experts per token (``-1`` pads), E experts, O domains.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ def _chunk(num_experts: int) -> int:
 
 
 def _experts(trace: Trace) -> np.ndarray:
-    """``experts`` as int64 numpy ``[L, T, K]``."""
+    """``experts`` as int64 numpy ``[I, T, K]``."""
     return trace.experts.numpy().astype(np.int64)
 
 
@@ -53,18 +53,18 @@ def routed_mask(trace: Trace, layer: int) -> np.ndarray:
 
 
 def expert_load(trace: Trace) -> np.ndarray:
-    """``[L, E]`` int64: tokens routed to each expert (the router's assignment, before any capacity dropping)."""
-    experts_LTK = _experts(trace)
+    """``[I, E]`` int64: tokens routed to each expert (the router's assignment, before any capacity dropping)."""
+    experts_ITK = _experts(trace)
     E = trace.num_experts
-    return np.stack([np.bincount(e[e >= 0], minlength=E) for e in experts_LTK]).astype(np.int64)
+    return np.stack([np.bincount(e[e >= 0], minlength=E) for e in experts_ITK]).astype(np.int64)
 
 
 def routing_frequency(trace: Trace, tokens: np.ndarray | None = None) -> np.ndarray:
-    """``[L, E]``: fraction of the tokens (all, or those selected by the mask/indices ``tokens``) routed to
+    """``[I, E]``: fraction of the tokens (all, or those selected by the mask/indices ``tokens``) routed to
     each expert; rows sum to the mean number of experts per token."""
-    experts_LTK = _experts(trace) if tokens is None else _experts(trace)[:, np.asarray(tokens)]
-    n = experts_LTK.shape[1]
-    counts = np.stack([np.bincount(e[e >= 0], minlength=trace.num_experts) for e in experts_LTK])
+    experts_ITK = _experts(trace) if tokens is None else _experts(trace)[:, np.asarray(tokens)]
+    n = experts_ITK.shape[1]
+    counts = np.stack([np.bincount(e[e >= 0], minlength=trace.num_experts) for e in experts_ITK])
     return counts / n if n else np.zeros_like(counts, dtype=np.float64)
 
 
@@ -73,11 +73,11 @@ def max_violation(trace: Trace) -> np.ndarray:
 
     The metric of Wang et al. 2024 (arXiv:2408.15664), as :func:`moekit.balance.max_violation`.
     """
-    load_LE = expert_load(trace).astype(np.float64)
+    load_IE = expert_load(trace).astype(np.float64)
     out = np.zeros(trace.num_layers)
     for l, E_l in enumerate(trace.num_experts_per_layer):
-        mean = load_LE[l, :E_l].mean()
-        out[l] = (load_LE[l, :E_l].max() - mean) / mean if mean > 0 else 0.0
+        mean = load_IE[l, :E_l].mean()
+        out[l] = (load_IE[l, :E_l].max() - mean) / mean if mean > 0 else 0.0
     return out
 
 
@@ -92,9 +92,9 @@ def load_entropy(trace: Trace) -> np.ndarray:
 
     ``log2(E)`` when every expert gets the same load, 0 when one expert gets all of it.
     """
-    load_LE = expert_load(trace).astype(np.float64)
-    total_L1 = load_LE.sum(axis=1, keepdims=True)
-    return _entropy_bits(np.divide(load_LE, total_L1, out=np.zeros_like(load_LE), where=total_L1 > 0))
+    load_IE = expert_load(trace).astype(np.float64)
+    total_I1 = load_IE.sum(axis=1, keepdims=True)
+    return _entropy_bits(np.divide(load_IE, total_I1, out=np.zeros_like(load_IE), where=total_I1 > 0))
 
 
 def token_entropy(trace: Trace) -> np.ndarray | None:
@@ -215,9 +215,9 @@ def cross_layer_predictability(trace: Trace, seed: int = 0, fit_fraction: float 
     perm = np.random.default_rng(seed).permutation(T)
     n_fit = int(round(T * fit_fraction))
     fit_idx, eval_idx = np.sort(perm[:n_fit]), np.sort(perm[n_fit:])
-    experts_LTK = _experts(trace)
+    experts_ITK = _experts(trace)
     for l in range(pairs):
-        prev_fit, next_fit = experts_LTK[l, fit_idx], experts_LTK[l + 1, fit_idx]
+        prev_fit, next_fit = experts_ITK[l, fit_idx], experts_ITK[l + 1, fit_idx]
         transitions_EE = torch.from_numpy(_pair_counts(prev_fit, next_fit, E)).double()
         popularity_E = torch.from_numpy(np.bincount(next_fit[next_fit >= 0], minlength=E)).double()
         tie_break_E = popularity_E / (popularity_E.sum() + 1.0)  # < 1: only orders experts of equal counts
@@ -227,13 +227,13 @@ def cross_layer_predictability(trace: Trace, seed: int = 0, fit_fraction: float 
         chunk = _chunk(E)
         for start in range(0, eval_idx.size, chunk):
             idx = eval_idx[start:start + chunk]
-            next_TK = experts_LTK[l + 1, idx]
+            next_TK = experts_ITK[l + 1, idx]
             safe_TK = np.maximum(next_TK, 0)
-            scores_TE = (_one_hot(experts_LTK[l, idx], E, torch.float64) @ transitions_EE + tie_break_E).numpy()
+            scores_TE = (_one_hot(experts_ITK[l, idx], E, torch.float64) @ transitions_EE + tie_break_E).numpy()
             h, t1 = _hits(np.take_along_axis(_ranks(scores_TE), safe_TK, axis=1), next_TK)
             bh, bt1 = _hits(base_rank_E[safe_TK], next_TK)
             hits, top1, base_hits, base_top1 = hits + h, top1 + t1, base_hits + bh, base_top1 + bt1
-        next_eval = experts_LTK[l + 1, eval_idx]
+        next_eval = experts_ITK[l + 1, eval_idx]
         used, tokens_used = int((next_eval >= 0).sum()), int((next_eval[:, 0] >= 0).sum())
         if used:
             result["hit"][l], result["base_hit"][l] = hits / used, base_hits / used
@@ -243,19 +243,19 @@ def cross_layer_predictability(trace: Trace, seed: int = 0, fit_fraction: float 
 
 
 def domain_expert_frequency(trace: Trace) -> tuple[np.ndarray, np.ndarray]:
-    """``(freq [L, D, E], tokens [D])``: fraction of domain d's tokens routed to expert e at each layer, and
+    """``(freq [I, O, E], tokens [D])``: fraction of domain d's tokens routed to expert e at each layer, and
     the number of tokens of each domain. Tokens with domain ``-1`` are left out; ``D`` is
     ``len(domain_names)`` (or the largest id + 1 when the trace names no domains)."""
     domain_T = trace.domain_ids.numpy().astype(np.int64)
     D = len(trace.domain_names) or (int(domain_T.max()) + 1 if domain_T.size and domain_T.max() >= 0 else 0)
     L, E = trace.num_layers, trace.num_experts
-    tokens_D = np.bincount(domain_T[domain_T >= 0], minlength=D)[:D] if D else np.zeros(0, dtype=np.int64)
-    counts_LDE = np.zeros((L, D, E), dtype=np.float64)
-    experts_LTK = _experts(trace)
+    tokens_O = np.bincount(domain_T[domain_T >= 0], minlength=D)[:D] if D else np.zeros(0, dtype=np.int64)
+    counts_IOE = np.zeros((L, D, E), dtype=np.float64)
+    experts_ITK = _experts(trace)
     for l in range(L):
-        ok_TK = (experts_LTK[l] >= 0) & (domain_T[:, None] >= 0)
-        flat = np.broadcast_to(domain_T[:, None], ok_TK.shape)[ok_TK] * E + experts_LTK[l][ok_TK]
-        counts_LDE[l] = np.bincount(flat, minlength=D * E)[:D * E].reshape(D, E)
-    freq_LDE = np.divide(counts_LDE, tokens_D[None, :, None], out=np.zeros_like(counts_LDE),
-                         where=tokens_D[None, :, None] > 0)
-    return freq_LDE, tokens_D
+        ok_TK = (experts_ITK[l] >= 0) & (domain_T[:, None] >= 0)
+        flat = np.broadcast_to(domain_T[:, None], ok_TK.shape)[ok_TK] * E + experts_ITK[l][ok_TK]
+        counts_IOE[l] = np.bincount(flat, minlength=D * E)[:D * E].reshape(D, E)
+    freq_IOE = np.divide(counts_IOE, tokens_O[None, :, None], out=np.zeros_like(counts_IOE),
+                         where=tokens_O[None, :, None] > 0)
+    return freq_IOE, tokens_O

@@ -1,7 +1,7 @@
 """Synthetic routing traces with known structure, for tests, examples and benchmarks of trace consumers
 (report, compression, serving) that should not need a model.
 
-Legend: L layers, T tokens, K experts per token, E experts.
+Legend (docs/architecture.md): I layers, T tokens, K experts per token, E experts.
 """
 from __future__ import annotations
 
@@ -28,20 +28,20 @@ def synthetic_trace(num_layers: int = 3, num_tokens: int = 2000, num_experts: in
     L, T, E, K = num_layers, num_tokens, num_experts, top_k
     doc_T = np.arange(T) // doc_len
     domain_T = doc_T % num_domains
-    logits_LTE = rng.normal(size=(L, T, E)) + skew * np.linspace(0.0, 1.0, E)
-    logits_LTE[:, np.arange(T), (3 * domain_T) % E] += domain_strength
-    experts_LTK = np.zeros((L, T, K), dtype=np.int64)
+    logits_ITE = rng.normal(size=(L, T, E)) + skew * np.linspace(0.0, 1.0, E)
+    logits_ITE[:, np.arange(T), (3 * domain_T) % E] += domain_strength
+    experts_ITK = np.zeros((L, T, K), dtype=np.int64)
     for l in range(L):
         if l > 0 and coupling:
-            logits_LTE[l, np.arange(T), (experts_LTK[l - 1, :, 0] + 1) % E] += coupling
-        experts_LTK[l] = np.argsort(-logits_LTE[l], axis=1, kind="stable")[:, :K]
-    top_LTK = np.take_along_axis(logits_LTE, experts_LTK, axis=2)
-    weights_LTK = np.exp(top_LTK - top_LTK.max(axis=2, keepdims=True))
-    weights_LTK /= weights_LTK.sum(axis=2, keepdims=True)
+            logits_ITE[l, np.arange(T), (experts_ITK[l - 1, :, 0] + 1) % E] += coupling
+        experts_ITK[l] = np.argsort(-logits_ITE[l], axis=1, kind="stable")[:, :K]
+    top_ITK = np.take_along_axis(logits_ITE, experts_ITK, axis=2)
+    weights_ITK = np.exp(top_ITK - top_ITK.max(axis=2, keepdims=True))
+    weights_ITK /= weights_ITK.sum(axis=2, keepdims=True)
     return Trace(
-        experts=experts_LTK, weights=weights_LTK.astype(np.float32), num_experts=E,
+        experts=experts_ITK, weights=weights_ITK.astype(np.float32), num_experts=E,
         layer_names=[f"model.layers.{l}.mlp" for l in range(L)],
-        logits=logits_LTE.astype(np.float32) if keep_logits else None,
+        logits=logits_ITE.astype(np.float32) if keep_logits else None,
         tokens=rng.integers(0, 256, T), positions=np.arange(T) % doc_len, doc_ids=doc_T, domain_ids=domain_T,
         seq_ids=doc_T, domain_names=[f"domain{d}" for d in range(num_domains)],
         model={"num_experts": E, "top_k": K, "router": "synthetic"},

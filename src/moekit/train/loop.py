@@ -146,7 +146,7 @@ def evaluate(model: torch.nn.Module, corpus: Corpus, seq_len: int, batch_size: i
     model.train(was_training)
     bpb = bits.bits_per_byte()
     per_domain = bits.per_domain()
-    counts = {name: int(bits.count_D[i]) for i, name in enumerate(corpus.domains)}
+    counts = {name: int(bits.count_O[i]) for i, name in enumerate(corpus.domains)}
     return {
         "loss": bpb * LN2,
         "bits_per_byte": bpb,
