@@ -396,6 +396,9 @@ def test_quantize_then_eval(workdir, capsys, flags):
             bits = layer["experts_options"]["expert_bits"]
             assert sum(bits) / len(bits) <= 2.5 and set(bits) <= {2, 3, 4}
     assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's private one
 
 
 @pytest.mark.parametrize("args,needle", [

@@ -28,7 +28,7 @@ top-k *selection only*; after each optimiser step ``b_e += u * sign(mean_load - 
 same update as a dual (price) step ``b_e += eps_k * (L - A_e)``; the sign rule is ``eps_k = u / |L - A_e|``.
 ``bias_step`` offers ``sign``, ``proportional`` (constant ``eps = u / L``, the load gap measured in units
 of the mean load) and ``decaying`` (``eps_k = u / (L * k)`` at update ``k``, the decaying step the paper's
-online analysis uses; PAPERS.md item 4 marks the exact schedule as a reconstruction).
+online analysis uses; moekit's working notes on the paper mark the exact schedule as a reconstruction).
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def _calibration(args, cfg, model):
     return calibration_batches(corpus, seq_len, args.calib_tokens, domain=args.calib_domain)
 
 
-def _allocation(args, q_costs, mc_bits, rng) -> list[int]:
+def _allocation(args, mc_bits, rng) -> list[int]:
     if args.allocation == "mc":
         return mc_bits
     E = len(mc_bits)
@@ -123,7 +123,7 @@ def cmd_quantize(args) -> int:
 
     from .compress import quant as Q
     from .experts import DenseExperts, QuantizedExperts
-    from .io import atomic_save_safetensors, atomic_write_json, read_json
+    from .io import _umask, atomic_save_safetensors, atomic_write_json, read_json
     from .layer import MoE
     from .model import MoELM
     from .train import load_run
@@ -189,7 +189,7 @@ def cmd_quantize(args) -> int:
             mean_w = torch.where(count > 0, rec["weight_sum"] / count.clamp(min=1), torch.zeros_like(count))
             costs = Q.mc_costs(freq, mean_w, q)
             mc_bits = Q.mc_allocate(costs, MIXED_CHOICES, args.mixed)
-            expert_bits = _allocation(args, costs, mc_bits, rng)
+            expert_bits = _allocation(args, mc_bits, rng)
             pairs = [quantize_cached(e, b) for e, b in enumerate(expert_bits)]
             cost = float(sum(costs[e, MIXED_CHOICES.index(b)] for e, b in enumerate(expert_bits)))
             layer_opts = dict(options, bits=max(expert_bits), expert_bits=expert_bits)
@@ -224,6 +224,7 @@ def cmd_quantize(args) -> int:
         raise ValueError(f"quantized model: weights with no source: {unexpected[:3]}")
     # write: temporary folder beside OUT, renamed into place
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-{os.getpid()}-", suffix=".tmp", dir=out.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # an ordinary folder once renamed (mkdtemp makes it private)
     try:
         tensors = {k: v.contiguous() for k, v in qmodel.state_dict().items()}
         atomic_save_safetensors(tmp / "model.safetensors", tensors, {"format": RUN_FORMAT})
@@ -248,8 +249,9 @@ def cmd_quantize(args) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"quantized {src} -> {out}: {args.method} {Q.bits_label(bits) if args.mixed is None else f'mixed {args.mixed} bits'}"
-              f", group {args.group}, {'symmetric' if args.symmetric else 'asymmetric'}", file=sys.stderr)
+        width = Q.bits_label(bits) if args.mixed is None else f"mixed {args.mixed} bits"
+        grid = "symmetric" if args.symmetric else "asymmetric"
+        print(f"quantized {src} -> {out}: {args.method} {width}, group {args.group}, {grid}", file=sys.stderr)
         print(f"expert weights {dense_bytes:,} -> {q_bytes:,} bytes ({q_bytes / dense_bytes:.3f}x); file "
               f"{summary['file_bytes_source']:,} -> {summary['file_bytes']:,} bytes", file=sys.stderr)
         for row in summary_layers:

@@ -8,10 +8,11 @@ Grid. A weight matrix ``w [R, C]`` is cut into groups of ``G`` consecutive input
 a scale ``s`` (float16) and a zero point ``z``; codes are unsigned integers ``u`` in ``[0, 2^b - 1]`` and the
 weight is ``s * (u - z)``. Symmetric grids (the default) use ``s = max|w| / (2^(b-1) - 1)`` and the fixed zero
 ``z = 2^(b-1)`` with codes in ``[1, 2^b - 1]`` (levels symmetric around zero, as int8 weight-only kernels expect;
-re-quantising dequantised weights gives them back exactly); asymmetric grids use ``s = (max - min) / (2^b - 1)`` and a stored zero
-``z = round(-min / s)`` (uint8). Ternary uses ``{-1, 0, 1}`` with the absmean scale ``s = mean|w|`` of the group
-(MoTE, "MoTE: Mixture of Ternary Experts for Memory-efficient Large Multimodal Models", arXiv:2506.14435, which
-takes BitNet b1.58's absmean quantiser), codes ``u = q + 1`` and ``z = 1``.
+re-quantising dequantised weights gives them back exactly); asymmetric grids use
+``s = (max - min) / (2^b - 1)`` and a stored zero ``z = round(-min / s)`` (uint8).
+Ternary uses ``{-1, 0, 1}`` with the absmean scale ``s = mean|w|`` of the group (MoTE, "MoTE: Mixture of
+Ternary Experts for Memory-efficient Large Multimodal Models", arXiv:2506.14435, which takes BitNet b1.58's
+absmean quantiser), codes ``u = q + 1`` and ``z = 1``.
 
 Packing (:func:`pack` / :func:`unpack`): the codes of one matrix, flattened row-major, are packed into uint8:
 8 bits one per byte (stored as ``u ^ 0x80``, so that ``byte.view(int8) = u - 128``, the signed value

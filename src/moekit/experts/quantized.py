@@ -24,8 +24,9 @@ groups of 32, 64, 128 or 256 go through ``torch.ops.aten._weight_int4pack_mm_for
 bfloat16 for it: the float32 variant is slower than dequantising; the kernel's own weight layout is built from
 the stored codes on first use of an expert and cached, which adds the packed 4-bit bytes once more in memory);
 8-bit symmetric matrices with one group per row use ``torch.ops.aten._weight_int8pack_mm`` (float32 activations
-rounded to bfloat16 for it, for the same reason). ``kernel="dequant"`` always dequantises (float32 exact). Weights are frozen: :meth:`fused_weights` is ``(None, None)``,
-input gradients flow. :meth:`shard` keeps a block of experts (expert-major storage).
+rounded to bfloat16 for it, for the same reason). ``kernel="dequant"`` always dequantises (float32 exact).
+Weights are frozen: :meth:`fused_weights` is ``(None, None)``, input gradients flow.
+:meth:`shard` keeps a block of experts (expert-major storage).
 """
 from __future__ import annotations
 

@@ -14,7 +14,9 @@ the authors keep the unnormalised ``G`` of the kept experts (``renormalize=False
 renormalises the kept weights to sum to one); they switch to top-1 gating at inference (``eval_mode="topk"``
 with ``top_k=1``; the default keeps the threshold rule, without noise); their code guarantees no minimum
 number of experts (here the token's highest-weight expert is always kept). The start/end temperatures
-2.0 -> 0.3 are PAPERS.md's values [recon: not found in the code, which takes them from the command line].
+2.0 -> 0.3 are those of moekit's working notes on EvoMoE (Nie et al. 2021, "EvoMoE: An Evolutional
+Mixture-of-Experts Training Framework via Dense-To-Sparse Gate", arXiv:2112.14397) [recon: not found in the
+code, which takes them from the command line].
 
 ``activation_dts`` -- the activation dense-to-sparse gate. Paper: Nguyen, Akbarian, Ho 2024, "Is Temperature
 Sample Efficient for Softmax Gaussian Mixture of Experts?" (ICML 2024, arXiv:2401.13875): the output of the

@@ -16,7 +16,7 @@ token ``j`` and ``A`` a row-stochastic token graph, both routers here use::
   layer, averaged over heads; the model supplies it in ``ctx.attention_probs``.
 
 What was verified: the arXiv id, title, authors and abstract. The formulas above are the reconstruction of
-moekit's working notes (PAPERS.md item 8, marked [recon]); the paper's equations and the authors' code could
+moekit's working notes on the paper (a reconstruction); the paper's equations and the authors' code could
 not be read here, so the learned form of ``W_s``, its initialisation (identity) and ``tau`` (default
 ``sqrt(D)``, as scaled dot-product attention) are moekit's choices, not the paper's. For decoders ``A`` is
 causal (``A_ij = 0`` for ``j > i``): the similarity router masks later tokens itself (``causal=True``,
