@@ -179,14 +179,18 @@ class MoE(nn.Module):
 
     def record(self, routing_out: Routing, plan: DispatchPlan) -> None:
         """Stage 5: keep the call's losses, routing, plan and load statistics."""
-        self.aux_losses = routing_out.aux_losses
+        aux_losses = routing_out.aux_losses
         if self.data_parallel_size > 1 and self.gate.data_group is None:
             # The router's losses are means over this rank's tokens: each rank contributes its share of the
             # average over ranks (losses are summed over ranks, see moekit.parallel).
-            self.aux_losses = {k: v / self.data_parallel_size for k, v in self.aux_losses.items()}
-        self.last_routing = routing_out
-        self.last_plan = plan
-        self.load = LoadStats(plan.routed_E.detach(), plan.kept_E.detach(), plan.num_pairs, plan.num_dropped)
+            aux_losses = {k: v / self.data_parallel_size for k, v in aux_losses.items()}
+        # plain attributes (no parameter, buffer or module): set in __dict__, skipping nn.Module.__setattr__'s
+        # bookkeeping on every call
+        self.__dict__["aux_losses"] = aux_losses
+        self.__dict__["last_routing"] = routing_out
+        self.__dict__["last_plan"] = plan
+        self.__dict__["load"] = LoadStats(plan.routed_E.detach(), plan.kept_E.detach(), plan.num_pairs,
+                                          plan.num_dropped)
 
     def forward(self, x: torch.Tensor, ctx: RoutingContext | None = None) -> torch.Tensor:
         self._check_input(x)

@@ -127,9 +127,9 @@ class GroupedExperts(Experts, ExpertProducts):
 
     def forward(self, x_TD: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if self.uses_small_batch_path(x_TD, plan):
-            self.last_path = "small-batch"
+            self.__dict__["last_path"] = "small-batch"  # a plain attribute: no nn.Module bookkeeping
             return self.small_batch_forward(x_TD, plan)
-        self.last_path = "grouped"
+        self.__dict__["last_path"] = "grouped"
         w_up, w_down = self.fused_weights()
         return fused_experts(x_TD, plan.token_S, plan.weight_S, plan.expert_S, plan.offsets_E, w_up, w_down,
                              self.act_spec, products=self)
