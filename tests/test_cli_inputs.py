@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from moekit import MoEConfig
 from moekit.cli import main
 from moekit.io import atomic_write_bytes, remove_stale_temporaries, temp_sibling
+from helpers import working_folder
 
 TINY = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--dim", "16", "--n-layers", "1", "--n-heads", "2",
         "--n-kv-heads", "1", "--hidden-dim", "16", "--num-experts", "4", "--final-eval-windows", "2",
@@ -28,17 +29,9 @@ TINY = ["--steps", "2", "--batch-size", "2", "--seq-len", "16", "--dim", "16", "
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cli_inputs")
-    old_cwd, old_cache = os.getcwd(), os.environ.get("MOEKIT_CACHE")
-    os.environ["MOEKIT_CACHE"] = str(path / "cache")
-    os.chdir(path)
-    (path / "data.txt").write_text("def f(x):\n    return x + 1\n" * 200)
-    yield path
-    os.chdir(old_cwd)
-    if old_cache is None:
-        os.environ.pop("MOEKIT_CACHE", None)
-    else:
-        os.environ["MOEKIT_CACHE"] = old_cache
+    with working_folder(tmp_path_factory.mktemp("cli_inputs")) as path:
+        (path / "data.txt").write_text("def f(x):\n    return x + 1\n" * 200)
+        yield path
 
 
 def train(*args: str) -> int:

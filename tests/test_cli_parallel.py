@@ -17,6 +17,7 @@ import pytest
 
 import moekit
 from moekit.cli import main
+from helpers import working_folder
 
 TINY = ["--batch-size", "4", "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
         "--n-kv-heads", "1", "--hidden-dim", "32", "--num-experts", "8", "--checkpoint-every", "10",
@@ -27,16 +28,8 @@ RTOL = 1e-4  # the issue's bound; the runs agree to about 1e-7
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ep_cli")
-    old_cwd, old_cache = os.getcwd(), os.environ.get("MOEKIT_CACHE")
-    os.environ["MOEKIT_CACHE"] = str(path / "cache")
-    os.chdir(path)
-    yield path
-    os.chdir(old_cwd)
-    if old_cache is None:
-        os.environ.pop("MOEKIT_CACHE", None)
-    else:
-        os.environ["MOEKIT_CACHE"] = old_cache
+    with working_folder(tmp_path_factory.mktemp("ep_cli")) as path:
+        yield path
 
 
 def torchrun(nproc: int, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:

@@ -20,14 +20,6 @@ from moekit.compress import prune as P
 from moekit.model import MoELM, ModelConfig
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_layer(E=4, K=2, D=6, F_=5, seed=0) -> MoE:
     torch.manual_seed(seed)
     layer = MoE(dim=D, hidden_dim=F_, num_experts=E, top_k=K, norm_topk=True).double().eval()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +14,7 @@ import moekit
 from moekit.compress import quant as Q
 from moekit.experts import QuantizedExperts
 from reference import reference_moe
+from helpers import autograd_node_names, working_folder
 
 ALL_BITS = (8, 4, 3, 2, "ternary")
 
@@ -262,14 +262,7 @@ def test_quantized_experts_equal_the_loop_reference_on_dequantised_weights(kw):
     w_up, w_down = (w.double() for w in ex.dequantized())
     x = torch.randn(9, 8, dtype=torch.float64, requires_grad=True)
     out = layer(x)
-    seen, stack = set(), [out.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        stack.extend(n for n, _ in node.next_functions)
-    assert any("FusedExperts" in node.name() for node in seen)
+    assert any("FusedExperts" in name for name in autograd_node_names(out))
     x_ref = x.detach().clone().requires_grad_(True)
     ref = reference_moe(x_ref, layer.router.weight.detach(), w_up, w_down, top_k=2)
     assert torch.allclose(out, ref.out, atol=1e-10)
@@ -345,19 +338,11 @@ TINY = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dim", "32", "
 def workdir(tmp_path_factory):
     from moekit.cli import main
 
-    path = tmp_path_factory.mktemp("quant")
-    old_cwd, old_cache = os.getcwd(), os.environ.get("MOEKIT_CACHE")
-    os.environ["MOEKIT_CACHE"] = str(path / "cache")
-    os.chdir(path)
-    text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
-    (path / "data.txt").write_text(text)
-    assert main(["train", *TINY, "--data", "data.txt", "--name", "base"]) == 0
-    yield path
-    os.chdir(old_cwd)
-    if old_cache is None:
-        os.environ.pop("MOEKIT_CACHE", None)
-    else:
-        os.environ["MOEKIT_CACHE"] = old_cache
+    with working_folder(tmp_path_factory.mktemp("quant")) as path:
+        text = "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(400))
+        (path / "data.txt").write_text(text)
+        assert main(["train", *TINY, "--data", "data.txt", "--name", "base"]) == 0
+        yield path
 
 
 def _eval(capsys, run):

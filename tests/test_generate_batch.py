@@ -26,14 +26,6 @@ BOS = 256
 PROMPTS = ["", "x", "hello", "def f(x):\n  r", "import os, sys\n\nc"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed=0, router="topk", **overrides) -> MoELM:
     torch.manual_seed(seed)
     settings = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=64, init_std=0.3,

@@ -24,14 +24,6 @@ BASE = dict(dim=32, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=64, dense_l
 OVERRIDES = {1: {"num_experts": 8}, 3: {"num_experts": 2, "top_k": 1, "hidden_dim": 16, "norm_topk": False}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def per_layer_config(**overrides) -> ModelConfig:
     return ModelConfig(**{**BASE, "moe_overrides": OVERRIDES, **overrides})
 

@@ -51,7 +51,7 @@ moekit.compare.register_method({METHOD!r}, "plugin router", router={ROUTER!r}, a
 
 def _forget_plugins():
     """What a new process would look like: the plugin's router, method and module unknown."""
-    routing._REGISTRY.pop(ROUTER, None)
+    routing._ROUTERS.unregister(ROUTER)
     compare.METHODS.pop(METHOD, None)
     for path in list(plugins._LOADED):
         if "plugin" in Path(path).parent.name or Path(path).name.startswith("my_"):

@@ -27,39 +27,24 @@ from torch import nn
 from ..dispatch.fused import ActivationSpec, ExpertProducts, expert_rows, fused_experts
 from ..dispatch.ops import combine, gather
 from ..dispatch.plan import DispatchPlan
+from ..registry import Registry
 
 __all__ = ["Experts", "GroupedExperts", "get", "names", "register"]
-
-_REGISTRY: dict[str, type["Experts"]] = {}
-
 
 def register(name: str):
     """Class decorator: make an Experts class available as ``moekit.experts.get(name)`` and as
     ``MoEConfig(experts=name)``."""
-
-    def wrap(cls):
-        if not (isinstance(cls, type) and issubclass(cls, Experts)):
-            raise TypeError(f"experts {name!r}: {cls!r} is not a subclass of moekit.experts.Experts")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"experts name {name!r} is already registered to {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return wrap
+    return _EXPERTS.register(name)
 
 
 def names() -> list[str]:
     """The registered experts names, sorted."""
-    return sorted(_REGISTRY)
+    return _EXPERTS.names()
 
 
 def get(name: str) -> type["Experts"]:
     """The Experts class registered as ``name``; ``ValueError`` naming the allowed values otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"experts: unknown experts {name!r}; allowed: {', '.join(names())}") from None
+    return _EXPERTS.get(name)
 
 
 class Experts(nn.Module):
@@ -105,6 +90,9 @@ class Experts(nn.Module):
                                              requires_grad=param.requires_grad))
         self.num_experts = len(expert_ids)
         return names
+
+
+_EXPERTS = Registry("experts", Experts)
 
 
 class GroupedExperts(Experts, ExpertProducts):

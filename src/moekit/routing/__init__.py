@@ -5,35 +5,25 @@ Every router is constructed as ``cls(dim=..., num_experts=..., top_k=..., **opti
 """
 from __future__ import annotations
 
+from ..registry import Registry
 from .base import MomentumState, Router, Routing, RoutingContext
 
-_REGISTRY: dict[str, type[Router]] = {}
+_ROUTERS = Registry("router", Router)
 
 
 def register(name: str):
     """Class decorator: make a Router available as ``moekit.routing.get(name)``."""
-
-    def wrap(cls: type[Router]) -> type[Router]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"router name {name!r} is already registered to {_REGISTRY[name].__name__}")
-        _REGISTRY[name] = cls
-        cls.registry_name = name
-        return cls
-
-    return wrap
+    return _ROUTERS.register(name)
 
 
 def names() -> list[str]:
     """The registered router names, sorted."""
-    return sorted(_REGISTRY)
+    return _ROUTERS.names()
 
 
 def get(name: str) -> type[Router]:
     """The Router class registered as ``name``; ``ValueError`` naming the allowed values otherwise."""
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(f"router: unknown router {name!r}; allowed: {', '.join(names())}") from None
+    return _ROUTERS.get(name)
 
 
 def _import_router_modules() -> None:
