@@ -43,7 +43,7 @@ IMPLS = ("moekit", "floor", "hf-eager", "hf-grouped_mm")
 
 def _has_transformers() -> bool:
     try:
-        import transformers  # noqa: F401
+        import transformers  # noqa: F401  (only whether it imports)
     except ImportError:
         return False
     return True

@@ -128,9 +128,9 @@ def run_decode(shapes, tokens, impls, device, dtype, repeats: int, warmup: int, 
                     progress(f"{name:14s} T={num_tokens:<3d} {impl}")
                 path = None
                 if impl == "moekit":
-                    def fn():
+                    def fn(layer=moe, x=x):
                         with torch.no_grad():
-                            return moe(x)
+                            return layer(x)
                     seconds = _median(fn, device, repeats, warmup)
                     path = moe.experts.last_path
                 elif impl.startswith("hf-"):
@@ -139,7 +139,7 @@ def run_decode(shapes, tokens, impls, device, dtype, repeats: int, warmup: int, 
                     hf_cfg._experts_implementation = impl.split("-", 1)[1]  # read by the experts at call time
                     x3 = x.unsqueeze(0)
 
-                    def fn():
+                    def fn(block=block, x3=x3):
                         with torch.no_grad():
                             return block(x3)
                     seconds = _median(fn, device, repeats, warmup)

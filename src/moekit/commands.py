@@ -207,7 +207,7 @@ def add_eval(sub) -> None:
 
 
 def cmd_eval(args) -> int:
-    from .data import load_corpus, unigram_baseline
+    from .data import unigram_baseline
     from .train import evaluate, load_run
 
     from .train.config import run_data_path
@@ -341,7 +341,7 @@ def cmd_generate(args) -> int:
                                  f"model's max_seq_len={limit}")
     model, _ = load_run(Path(args.run))
     prompts = [p for _, p in numbered]
-    stream = None
+    stream = None  # noqa: F811  (replaced below for a single prompt)
     if len(prompts) == 1 and not args.json:  # one prompt: print the text as it comes
         sys.stdout.write(prompts[0])
         sys.stdout.flush()
@@ -418,7 +418,6 @@ def trace_batches(corpus, split: str, seq_len: int, batch_size: int, max_windows
 
 
 def make_trace(run_dir: Path, data: str | None, split: str, max_windows: int, logits: bool):
-    from .data import load_corpus
     from .trace import trace_model
     from .train import load_run
 

@@ -46,6 +46,7 @@ import inspect
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -573,14 +574,12 @@ def save_pretrained(model: nn.Module, save_directory, **kwargs) -> None:
 ROUTERS_FILE = "moekit_routers.safetensors"
 
 
-def _routers_path(path) -> "Path":
-    from pathlib import Path
-
+def _routers_path(path) -> Path:
     path = Path(path)
     return path / ROUTERS_FILE if path.is_dir() or not path.suffix else path
 
 
-def save_routers(model: nn.Module, path) -> "Path":
+def save_routers(model: nn.Module, path) -> Path:
     """Write the replaced routers of ``model`` (every parameter and buffer of each moekit router: weight matrix,
     trained selection bias, balancing counters) to a safetensors file, for routers that :func:`write_back`
     cannot put into the original classes (e.g. a trained auxiliary-loss-free bias and Qwen3-MoE's router,
