@@ -233,3 +233,36 @@ def test_router_only_finetuning_with_roma_changes_routers_only():
             assert not torch.equal(p, before[n]), n
         else:
             assert torch.equal(p, before[n]), n
+
+
+# ------------------------------------------------------------------------------------------ moekit eval --rewire
+def test_eval_rewire_cli(tmp_path, monkeypatch, capsys):
+    """``moekit eval RUN --rewire --json`` reports the rewired and plain figures of the same windows (the plain
+    one equal to what evaluate_streaming computes with no adaptation steps); bad settings and a router without
+    logits are one-line errors with exit code 2."""
+    import json as _json
+
+    from moekit.cli import main
+
+    monkeypatch.setenv("MOEKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("def f(x):\n    return x * 2 + 1\n" * 300)
+    tiny = ["--batch-size", "2", "--seq-len", "32", "--dim", "32", "--n-layers", "2", "--n-heads", "2",
+            "--n-kv-heads", "1", "--hidden-dim", "16", "--num-experts", "4", "--max-seq-len", "64",
+            "--final-eval-windows", "2", "--no-progress", "--steps", "3", "--data", "data.txt"]
+    assert main(["train", *tiny, "--name", "r"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "runs/r", "--rewire", "--json", "--max-windows", "3", "--rewire-every", "16"]) == 0
+    out = _json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["adaptations"] > 0 and out["tokens"] > 0
+    assert out["bits_per_byte"] != out["bits_per_byte_plain"]
+    for flags, needle in ((["--rewire-steps", "0"], "--rewire-steps"), (["--rewire-every", "0"], "--rewire-every"),
+                          (["--rewire-lr", "-1"], "--rewire-lr")):
+        assert main(["eval", "runs/r", "--rewire", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and needle in err[0]
+    assert main(["train", *tiny, "--name", "h", "--router", "hash", "--aux-loss", "none"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "runs/h", "--rewire", "--max-windows", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--rewire" in err[0]

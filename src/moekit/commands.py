@@ -203,6 +203,13 @@ def add_eval(sub) -> None:
     p.add_argument("--max-windows", type=int, default=None, help="score at most this many validation windows")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rewire", action="store_true",
+                   help="streaming evaluation with test-time rewiring (moekit.adapt): each window is scored left to "
+                        "right and the routers' logit offsets adapt on the part already scored; prints bits per "
+                        "byte with and without it")
+    p.add_argument("--rewire-every", type=int, default=64, help="with --rewire: tokens scored between adaptations")
+    p.add_argument("--rewire-steps", type=int, default=3, help="with --rewire: optimiser steps per adaptation")
+    p.add_argument("--rewire-lr", type=float, default=0.01, help="with --rewire: learning rate of the offsets")
     p.set_defaults(func=cmd_eval)
 
 
@@ -218,10 +225,19 @@ def cmd_eval(args) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.data and not Path(args.data).exists():
         raise FileNotFoundError(f"--data: {args.data} does not exist")
+    if args.rewire:
+        if args.rewire_every < 1:
+            raise ValueError(f"--rewire-every must be >= 1, got {args.rewire_every}")
+        if args.rewire_steps < 1:
+            raise ValueError(f"--rewire-steps must be >= 1, got {args.rewire_steps}")
+        if not (math.isfinite(args.rewire_lr) and args.rewire_lr > 0):
+            raise ValueError(f"--rewire-lr must be a finite number > 0, got {args.rewire_lr}")
     model, cfg = load_run(Path(args.run))
     data = args.data if args.data else run_data_path(cfg)
     corpus = _load_data(data)
     train = cfg["train"]
+    if args.rewire:
+        return _eval_rewire(args, model, corpus, train["seq_len"])
     result = evaluate(model, corpus, train["seq_len"], args.batch_size or train["batch_size"], args.max_windows,
                       progress=not args.json)
     if not math.isfinite(result["bits_per_byte"]):
@@ -238,6 +254,28 @@ def cmd_eval(args) -> int:
     print(f"{'domain':24s} {'bits/byte':>10s} {'bytes':>10s}")
     for name, d in sorted(result["domains"].items(), key=lambda kv: -kv[1]["tokens"]):
         print(f"{name:24s} {d['bits_per_byte']:10.4f} {d['tokens']:10,d}")
+    return 0
+
+
+def _eval_rewire(args, model, corpus, seq_len: int) -> int:
+    """``moekit eval --rewire``: streaming rewiring against the plain model on the same validation windows."""
+    from .adapt import Rewirer, evaluate_streaming, windows_from_corpus
+
+    try:
+        rewirer = Rewirer(model, lr=args.rewire_lr, steps=args.rewire_steps, every=args.rewire_every)
+    except ValueError as exc:  # e.g. a router without logits (hash)
+        raise ValueError(f"--rewire: {exc}") from None
+    windows = windows_from_corpus(corpus, seq_len, args.max_windows)
+    t0 = time.perf_counter()
+    result = evaluate_streaming(model, rewirer, windows)
+    result["seconds"] = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    plain, rewired = result["bits_per_byte_plain"], result["bits_per_byte"]
+    print(f"streaming rewiring over {result['tokens']:,} bytes ({result['adaptations']} adaptations of "
+          f"{args.rewire_steps} steps every {args.rewire_every} tokens, lr {args.rewire_lr}):")
+    print(f"  without: {plain:.4f} bits/byte   with: {rewired:.4f} bits/byte   ({rewired - plain:+.4f})")
     return 0
 
 
