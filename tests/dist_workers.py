@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import sys
 
 import torch
 
@@ -189,8 +190,20 @@ def worker(rank: int, world: int, out_dir: str) -> None:
         # experts replicated over world / ep ranks (pure data parallelism when world = 2)
         replicated = ParallelLayout.initialise(ep_size=world // 2, num_experts=8)
         _check_layer(results, replicated, bias_update="sign", aux_loss="global")
+    except BaseException:
+        failed = True
+        raise
+    else:
+        failed = False
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(results, f)
         dist.barrier()
         dist.destroy_process_group()
+        if not failed:
+            # Leave without the interpreter's teardown: a worker that had finished and written its results was
+            # seen to abort at exit ("terminate called without an active exception", SIGABRT) in 2 of about 10
+            # full-suite runs, from C++ destructors of the communication threads. The results are on disk.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)

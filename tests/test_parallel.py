@@ -21,7 +21,17 @@ LAYER_TOL = 1e-6  # MoE layers in float64, but routers compute logits and losses
 
 
 def _spawn(world: int, tmp: Path) -> list[dict]:
-    mp.start_processes(dist_workers.worker, args=(world, str(tmp)), nprocs=world, join=True, start_method="spawn")
+    try:
+        mp.start_processes(dist_workers.worker, args=(world, str(tmp)), nprocs=world, join=True,
+                           start_method="spawn")
+    except mp.ProcessExitedException:
+        # A worker that has run every check and written its results can still abort while the process tears
+        # down (seen twice in full-suite runs: "terminate called without an active exception"). Accept the
+        # results only when every rank wrote the last check; anything less is a failure.
+        last = f"layer/ep{world // 2}/global/sign/grads"
+        files = [tmp / f"rank{r}.json" for r in range(world)]
+        if not all(f.exists() and last in json.loads(f.read_text()) for f in files):
+            raise
     return [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
 
 
