@@ -200,3 +200,33 @@ def test_train_and_bit_exact_resume_with_independent_experts(tmp_path, monkeypat
 
     full, part = losses("runs/full"), losses("runs/part")
     assert len(full) == 6 and full == part
+
+
+# ------------------------------------------------------------------------------------------ small-batch path
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "gelu", "relu"])
+@pytest.mark.parametrize("num_experts,tokens", [(8, 1), (8, 4), (256, 1), (256, 2), (256, 16)])
+@pytest.mark.parametrize("capacity", [None, 0.5])
+def test_small_batch_path_matches_the_float64_reference(activation, num_experts, tokens, capacity):
+    """The loop over used experts (``small_batch="on"``) against the slow float64 reference, with a shared
+    expert and capacity off and on; ``"auto"`` takes it only when few experts can have rows."""
+    from reference import random_weights, reference_from_state
+
+    D, F, K = 8, 4, 2
+    cfg = moekit.MoEConfig(dim=D, hidden_dim=F, num_experts=num_experts, top_k=K, activation=activation,
+                           num_shared_experts=1, shared_hidden_dim=3, aux_loss=None,
+                           capacity_factor=capacity, eval_capacity_factor=capacity)
+    layer = moekit.MoE(cfg).double().eval()
+    sd = random_weights(num_experts, D, F, activation, shared_hidden=3, seed=tokens + num_experts)
+    layer.load_state_dict(sd)
+    x = torch.randn(tokens, D, dtype=torch.float64, generator=torch.Generator().manual_seed(tokens))
+    ref = reference_from_state(x, sd, top_k=K, activation=activation, capacity_factor=capacity)
+    layer.experts.small_batch = "on"
+    with torch.no_grad():
+        out = layer(x)
+    assert layer.experts.last_path == "small-batch"
+    assert rel_err(out, ref.out) < 1e-6
+    layer.experts.small_batch = "auto"
+    with torch.no_grad():
+        layer(x)
+    few_rows = layer.last_plan.token_S.shape[0] * layer.experts.small_batch_rows_divisor <= num_experts
+    assert layer.experts.last_path == ("small-batch" if few_rows else "grouped")

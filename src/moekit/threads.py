@@ -1,4 +1,4 @@
-"""The intra-op thread policy of inference (``moekit generate``, ``moekit eval``, ``moekit.generate``).
+"""The intra-op thread policy of inference (``moekit generate`` and ``moekit.generate``).
 
 Decoding a few tokens is a chain of small matrix-vector products. Split over several OpenMP threads, each
 product finishes only when its slowest thread does; on a machine where another process keeps the cores busy
@@ -10,7 +10,6 @@ BENCHMARKS.md (section "Threads") has the idle and busy figures behind the thres
 """
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 
 import torch
@@ -58,6 +57,3 @@ class ThreadPolicy:
             if wanted != before:
                 torch.set_num_threads(before)
 
-
-def cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
