@@ -8,10 +8,11 @@ STAMP  := $(VENV)/.moekit-installed
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-cpu.txt
+$(STAMP): pyproject.toml requirements-cpu.txt requirements-nodeps.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements-cpu.txt
+	$(PY) -m pip install --quiet --no-deps -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 

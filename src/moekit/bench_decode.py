@@ -26,7 +26,8 @@ DECODE_SHAPES = {
     "qwen3-30b-a3b": dict(dim=2048, hidden=768, experts=128, top_k=8),
 }
 DECODE_TOKENS = (1, 4, 16, 64)
-DECODE_IMPLS = ("moekit", "hf-grouped_mm", "hf-eager")
+DECODE_IMPLS = ("moekit", "hf-grouped_mm", "hf-eager", "moekit-q4", "moekit-q8")  # -qB: RTN-packed experts
+DEFAULT_DECODE_IMPLS = ("moekit", "hf-grouped_mm", "hf-eager")
 
 
 def _sync(device) -> None:
@@ -118,6 +119,7 @@ def run_decode(shapes, tokens, impls, device, dtype, repeats: int, warmup: int, 
                 block = OlmoeSparseMoeBlock(hf_cfg)
             block.load_state_dict(moe.state_dict(), strict=True, assign=True)
             block = block.eval()
+        qlayers = {}
         for num_tokens in tokens:
             x = torch.randn(num_tokens, shape["dim"], generator=gen).to(device=device, dtype=dtype)
             with torch.no_grad():
@@ -133,6 +135,19 @@ def run_decode(shapes, tokens, impls, device, dtype, repeats: int, warmup: int, 
                             return layer(x)
                     seconds = _median(fn, device, repeats, warmup)
                     path = moe.experts.last_path
+                elif impl.startswith("moekit-q"):  # the same layer with RTN-packed experts (experts/quantized.py)
+                    from .experts.quantized import quantized_layer
+
+                    qkey = int(impl[len("moekit-q"):])
+                    qmoe = qlayers.get(qkey)
+                    if qmoe is None:
+                        qmoe = qlayers[qkey] = quantized_layer(moe, bits=qkey).to(device=device)
+
+                    def fn(layer=qmoe, x=x):
+                        with torch.no_grad():
+                            return layer(x)
+                    seconds = _median(fn, device, repeats, warmup)
+                    path = f"{qkey}-bit"
                 elif impl.startswith("hf-"):
                     if block is None:
                         continue
@@ -147,7 +162,7 @@ def run_decode(shapes, tokens, impls, device, dtype, repeats: int, warmup: int, 
                     raise ValueError(f"--impls: unknown implementation {impl!r}; allowed: {', '.join(DECODE_IMPLS)}")
                 results.append(dict(shape=name, impl=impl, tokens=num_tokens, fwd_s=seconds, fwd_bwd_s=None,
                                     peak_bytes=None, floor_s=floor_s, experts_used=used, path=path))
-        del moe, block
+        del moe, block, qlayers
         gc.collect()
     return {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "mode": "decode",
             "bandwidth_gb_s": bandwidth / 1e9, "threads": torch.get_num_threads(), "results": results,
@@ -174,7 +189,7 @@ def main_decode(args, device: str, dtype: torch.dtype) -> dict:
     for s in shapes:
         if s not in DECODE_SHAPES:
             raise ValueError(f"--decode-shapes: unknown shape {s!r}; allowed: {', '.join(DECODE_SHAPES)}")
-    impls = [i for i in (args.decode_impls or ",".join(DECODE_IMPLS)).split(",") if i]
+    impls = [i for i in (args.decode_impls or ",".join(DEFAULT_DECODE_IMPLS)).split(",") if i]
     for i in impls:
         if i not in DECODE_IMPLS:
             raise ValueError(f"--impls: unknown implementation {i!r} for --decode; allowed: {', '.join(DECODE_IMPLS)}")

@@ -33,8 +33,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands_quant.add_quantize(sub)
     from . import commands_compress  # prune, merge
     commands_compress.add_prune(sub), commands_compress.add_merge(sub)
+    from . import commands_compress_report; commands_compress_report.add_compress_report(sub)
     from . import commands_serve  # simulate, place
     commands_serve.add_simulate(sub), commands_serve.add_place(sub)
+    from . import commands_offload  # offload (expert store)
+    commands_offload.add_offload(sub)
+    from . import commands_adapt; commands_adapt.add_finetune(sub)  # finetune (routers only, RoMA)
     from . import compare
 
     p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")

@@ -26,6 +26,7 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run folder RUN from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p)
+    from . import commands_adapt; commands_adapt.add_train_domain_arguments(p)  # --exclude-domains (adapt)
     p.set_defaults(func=cmd_train)
 
 
@@ -67,6 +68,7 @@ def cmd_train(args) -> int:
     _check_model_builds(model_cfg)
     train_cfg.check_device()
     _load_data(run_data_path(run_config))
+    from . import commands_adapt; commands_adapt.apply_train_domains(args, run_config)  # --exclude-domains
     # The trainer runs on the CPU, hence gloo (NCCL needs CUDA tensors).
     layout = ParallelLayout.initialise(train_cfg.expert_parallel, _layout_experts(model_cfg, train_cfg.expert_parallel),
                                        train_cfg.batch_size, backend="gloo")
@@ -210,6 +212,8 @@ def add_eval(sub) -> None:
     p.add_argument("--rewire-every", type=int, default=64, help="with --rewire: tokens scored between adaptations")
     p.add_argument("--rewire-steps", type=int, default=3, help="with --rewire: optimiser steps per adaptation")
     p.add_argument("--rewire-lr", type=float, default=0.01, help="with --rewire: learning rate of the offsets")
+    from . import commands_compress; commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
+    from . import commands_adapt; commands_adapt.add_eval_domain_arguments(p)  # --domains (adapt)
     p.set_defaults(func=cmd_eval)
 
 
@@ -235,11 +239,14 @@ def cmd_eval(args) -> int:
     model, cfg = load_run(Path(args.run))
     data = args.data if args.data else run_data_path(cfg)
     corpus = _load_data(data)
+    from . import commands_adapt; corpus = commands_adapt.eval_corpus(args, corpus)  # --domains
     train = cfg["train"]
     if args.rewire:
         return _eval_rewire(args, model, corpus, train["seq_len"])
+    from . import commands_compress; skip = commands_compress.start_dynamic_skip(args, model, cfg)  # NAEE skipping
     result = evaluate(model, corpus, train["seq_len"], args.batch_size or train["batch_size"], args.max_windows,
                       progress=not args.json)
+    commands_compress.finish_dynamic_skip(args, skip, result)
     if not math.isfinite(result["bits_per_byte"]):
         raise ValueError(f"{args.run}: the validation loss is not finite ({result['bits_per_byte']}); the model "
                          "produces NaN or infinite logits")
@@ -301,6 +308,9 @@ def add_generate(sub) -> None:
     p.add_argument("--threads", default="auto", help="intra-op threads: 'auto' (default: one thread for model "
                    "calls of at most 8 token rows, such as decoding steps, which keeps its speed on a busy "
                    "machine; torch's count for larger calls) or a number")
+    from . import commands_compress; commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
+    from . import commands_adapt; commands_adapt.add_generate_rewire_arguments(p)  # --rewire (adapt)
+    from . import commands_offload; commands_offload.add_generate_arguments(p)  # --expert-budget (offload)
     p.set_defaults(func=cmd_generate)
 
 
@@ -363,6 +373,8 @@ def cmd_generate(args) -> int:
     from .threads import parse_threads
 
     threads = parse_threads(args.threads)
+    from . import commands_adapt; commands_adapt.check_generate_rewire(args)  # --rewire-* values
+    from . import commands_offload; commands_offload.check_generate_offload(args)  # --expert-budget values
     if args.prompts is not None:
         numbered = read_prompts(args.prompts)
     else:
@@ -377,7 +389,14 @@ def cmd_generate(args) -> int:
                 where = f"--prompts {args.prompts} line {line}: prompt" if line is not None else "prompt"
                 raise ValueError(f"{where} plus --max-new-tokens ({n} + {args.max_new_tokens} tokens) exceeds the "
                                  f"model's max_seq_len={limit}")
-    model, _ = load_run(Path(args.run))
+    offloaded = None  # --expert-budget: the experts served from an expert store (moekit.serve.offload)
+    if args.expert_budget is not None:
+        (model, offloaded), _run_cfg = commands_offload.load_offloaded(args), read_run_config(Path(args.run))
+    else:
+        model, _run_cfg = load_run(Path(args.run))
+    if args.rewire:  # test-time rewiring (moekit.adapt.online): its own loop, prompt by prompt
+        return commands_adapt.generate_rewire(args, model, numbered, threads)
+    from . import commands_compress; skip = commands_compress.start_dynamic_skip(args, model, _run_cfg)  # NAEE
     prompts = [p for _, p in numbered]
     stream = None  # noqa: F811  (replaced below for a single prompt)
     if len(prompts) == 1 and not args.json:  # one prompt: print the text as it comes
@@ -394,11 +413,14 @@ def cmd_generate(args) -> int:
                              use_cache=not args.no_cache, eos_id=EOS_ID, stop=args.stop, stream=stream,
                              threads=threads)
     dt = time.perf_counter() - t0
+    commands_compress.finish_dynamic_skip(args, skip)
     total = sum(r.new_tokens for r in results)
     if args.json:
         out = {"batch_size": len(results), "cache": not args.no_cache, "new_tokens": total, "seconds": dt,
                "tokens_per_s": total / max(dt, 1e-9),
                "prompts": [{"prompt": p, **r.to_dict()} for p, r in zip(prompts, results)]}
+        if offloaded is not None:
+            out["offload"] = commands_offload.report(offloaded, total, dt)
         if args.prompts is not None:
             for (line, _), rec in zip(numbered, out["prompts"]):
                 rec["line"] = line
@@ -414,6 +436,8 @@ def cmd_generate(args) -> int:
     _err(f"{total} tokens in {dt:.2f}s ({total / max(dt, 1e-9):.1f} tokens/s, {len(results)} prompt"
          f"{'s' if len(results) > 1 else ''}, {'no cache' if args.no_cache else 'KV cache'}; stopped by "
          f"{', '.join(stops)})")
+    if offloaded is not None:
+        commands_offload.print_report(commands_offload.report(offloaded, total, dt))
     return 0
 
 
@@ -594,7 +618,9 @@ def add_export(sub) -> None:
     p = sub.add_parser("export", help="write a run as a transformers checkpoint (Qwen3MoeForCausalLM)")
     p.add_argument("run", help="run folder")
     p.add_argument("out", help="checkpoint folder to write (refused when it exists and is not empty)")
-    p.add_argument("--format", default="hf", choices=("hf",), help="hf: transformers Qwen3-MoE (default)")
+    p.add_argument("--format", default="hf", choices=("hf", "compressed-tensors"),
+                   help="hf: transformers Qwen3-MoE (default); compressed-tensors: a `moekit quantize` run as the "
+                        "pack-quantized checkpoint vLLM loads (moekit.hf.compressed_tensors)")
     p.add_argument("--force", action="store_true", help="replace an existing OUT")
     p.set_defaults(func=cmd_export)
 
@@ -602,6 +628,12 @@ def add_export(sub) -> None:
 def cmd_export(args) -> int:
     from .hf.export import export_hf
 
+    if args.format == "compressed-tensors":  # moekit.hf.compressed_tensors (quantised runs)
+        from .hf.compressed_tensors import export_compressed_tensors
+
+        out = export_compressed_tensors(Path(args.run), Path(args.out), force=args.force)
+        _err(f"exported {args.run} -> {out} (compressed-tensors pack-quantized Qwen3MoeForCausalLM)")
+        return 0
     out = export_hf(Path(args.run), Path(args.out), force=args.force)
     _err(f"exported {args.run} -> {out} (transformers Qwen3MoeForCausalLM: config.json, model.safetensors)")
     return 0

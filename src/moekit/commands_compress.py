@@ -54,8 +54,13 @@ def _add_common(p, methods, what: str) -> None:
 def add_prune(sub) -> None:
     from .compress.prune import NAEE_MAX_COMBINATIONS, PRUNE_METHODS
 
-    p = sub.add_parser("prune", help="drop experts (frequency, REAP, EASY-EP, NAEE) from a run")
+    from .compress.dern import DERN_ALPHA
+
+    p = sub.add_parser("prune", help="drop experts (frequency, REAP, EASY-EP, NAEE, DERN, UNCURL) from a run")
     _add_common(p, PRUNE_METHODS, "pruning")
+    p.add_argument("--dern-alpha", type=float, default=DERN_ALPHA,
+                   help=f"dern: cosine similarity below which a dropped neuron segment is discarded "
+                        f"(default {DERN_ALPHA})")
     p.add_argument("--naee-max-combinations", type=int, default=NAEE_MAX_COMBINATIONS,
                    help="naee: exhaustive search up to this many drop sets per layer, greedy beyond")
     p.add_argument("--naee-tokens", type=int, default=NAEE_INPUTS,
@@ -125,6 +130,12 @@ def _prepare(args, method_kind: str):
                 raise ValueError(f"naee needs a top-k router without expert groups; layer {i} uses {m.router!r}")
         if args.naee_max_combinations < 1 or args.naee_tokens < 1:
             raise ValueError("--naee-max-combinations and --naee-tokens must be >= 1")
+    if getattr(args, "dern_alpha", None) is not None and not -1.0 <= args.dern_alpha <= 1.0:
+        raise ValueError(f"--dern-alpha must be a cosine similarity in [-1, 1], got {args.dern_alpha}")
+    if args.method == "dern":
+        for i, m in moes.items():
+            if m.experts != "dense":
+                raise ValueError(f"dern needs dense experts; layer {i} uses {m.experts!r}")
     if getattr(args, "dynamic_skip", False) and (args.method != "naee" or min(layer_top_k.values()) < 2):
         raise ValueError("--dynamic-skip goes with --method naee on layers with top-k >= 2")
     if args.min_expert_tokens < 0:
@@ -234,9 +245,17 @@ def cmd_prune(args) -> int:
     from .compress import prune as P
     from .train import load_run
 
+    from .hf.prune_io import is_hf_checkpoint
+
+    if is_hf_checkpoint(args.src):
+        return _cmd_prune_hf(args)
+    if args.method == "uncurl":  # UNCURL prunes by merging clusters: the merge path
+        args.router_rows = "dominant"
+        return cmd_merge(args)
     cfg, model_cfg, budget, layer_top_k, batches = _prepare(args, "prune")
     model, _ = load_run(Path(args.src))
     stats = _calibrate(args, model, batches, keep_inputs=args.naee_tokens if args.method == "naee" else 0)
+    dern_report = None
     if args.method == "naee":
         keep = P.naee_keep_sets(model, stats, budget, max_combinations=args.naee_max_combinations,
                                 clamp_top_k=args.clamp_top_k, log=None if args.json else _err)
@@ -245,11 +264,20 @@ def cmd_prune(args) -> int:
         keep = P.keep_sets(scores, budget, layer_top_k, args.clamp_top_k)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        new_model = P.prune_model(model, keep, clamp_top_k=args.clamp_top_k)
+        if args.method == "dern":
+            from .compress.dern import dern_model
+
+            new_model, dern_report = dern_model(model, stats, keep, alpha=args.dern_alpha,
+                                                clamp_top_k=args.clamp_top_k, log=None if args.json else _err)
+        else:
+            new_model = P.prune_model(model, keep, clamp_top_k=args.clamp_top_k)
     for w in caught:
         _err(f"warning: {w.message}")
     record = _record(args, cfg, "prune", {i: [[e] for e in k] for i, k in keep.items()})
     record["kept"] = {str(i): k for i, k in keep.items()}
+    if dern_report is not None:
+        record["dern"] = {"alpha": args.dern_alpha,
+                          "segments": {str(i): {"merged": a, "discarded": d} for i, (a, d) in dern_report.items()}}
     if args.dynamic_skip:
         import torch
 
@@ -271,6 +299,11 @@ def cmd_merge(args) -> int:
     from .compress import merge as M
     from .train import load_run
 
+    from .hf.prune_io import is_hf_checkpoint
+
+    if is_hf_checkpoint(args.src):
+        raise ValueError("merging transformers checkpoints is not supported; prune them (--method frequency, reap "
+                         "or dern)")
     cfg, model_cfg, budget, layer_top_k, batches = _prepare(args, "merge")
     model, _ = load_run(Path(args.src))
     stats = _calibrate(args, model, batches, all_experts=args.method == "hc_smoe")
@@ -284,3 +317,135 @@ def cmd_merge(args) -> int:
     record = _record(args, cfg, "merge", groups)
     record["router_rows"] = args.router_rows
     return _finish(args, model, new_model, record)
+
+
+# ------------------------------------------------------------------------------------------------ dynamic skipping
+DYNAMIC_SKIP_CALIB_TOKENS = 8192
+
+
+def add_dynamic_skip_arguments(p) -> None:
+    """``--dynamic-skip`` for ``moekit eval`` / ``moekit generate`` (NAEE dynamic skipping at inference)."""
+    p.add_argument("--dynamic-skip", action="store_true",
+                   help="NAEE dynamic skipping: skip a token's non-first expert when its routing weight is below "
+                        "beta x the first one's; beta per layer from the run's config.json (written by `moekit "
+                        "prune --dynamic-skip`), else the median w2/w1 on "
+                        f"{DYNAMIC_SKIP_CALIB_TOKENS} training tokens; reports the fraction of experts skipped")
+
+
+def start_dynamic_skip(args, model, cfg: dict):
+    """Install dynamic skipping on ``model`` when ``args.dynamic_skip``; returns the handle (or None)."""
+    if not getattr(args, "dynamic_skip", False):
+        return None
+    from .compress.prune import enable_dynamic_skipping, moe_layer_map
+
+    layers = moe_layer_map(model)
+    if not layers or max(m.config.top_k for _, m in layers.values()) < 2:
+        raise ValueError("--dynamic-skip needs MoE layers with top-k >= 2")
+    stored = (cfg.get("compression") or {}).get("betas")
+    if stored:
+        betas = {int(i): float(b) for i, b in stored.items()}
+        source = "config.json"
+    else:
+        from .commands import _load_data
+        from .compress.calibrate import calibrate, calibration_batches
+        from .train.config import run_data_path
+
+        corpus = _load_data(run_data_path(cfg))
+        batches = calibration_batches(corpus, cfg["train"]["seq_len"], DYNAMIC_SKIP_CALIB_TOKENS)
+        stats = calibrate(model, batches, progress=False)
+        betas = {s.layer_index: s.ratio_median() for s in stats.layers if s.top_k >= 2}
+        source = f"median w2/w1 on {stats.tokens:,} training tokens"
+    skip = enable_dynamic_skipping(model, betas)
+    skip.source = source
+    return skip
+
+
+def finish_dynamic_skip(args, skip, result: dict | None = None) -> None:
+    """Remove the hooks, put ``skipped_fraction`` and ``betas`` into ``result`` and report on stderr."""
+    if skip is None:
+        return
+    skip.remove()
+    if result is not None:
+        result["dynamic_skip"] = {"skipped_fraction": skip.skipped_fraction, "skipped_pairs": skip.skipped_pairs,
+                                  "pairs": skip.pairs, "betas": {str(i): b for i, b in skip.betas.items()}}
+    _err(f"dynamic skipping (beta from {skip.source}): {100 * skip.skipped_fraction:.1f}% of routed experts "
+         f"skipped ({skip.skipped_pairs:,} of {skip.pairs:,} token-expert pairs)")
+
+
+# ------------------------------------------------------------------------------------------------ transformers input
+def _cmd_prune_hf(args) -> int:
+    """``moekit prune`` on a transformers checkpoint folder: an ordinary transformers checkpoint out."""
+    import torch
+
+    from .compress.prune import budgets, check_keep
+    from .hf import prune_io as H
+
+    check_keep(args.keep)
+    src, out = Path(args.src), Path(args.out)
+    _check_paths(src, out)
+    if args.method not in H.HF_PRUNE_METHODS:
+        raise ValueError(f"--method {args.method}: transformers checkpoints can be pruned with "
+                         f"{', '.join(H.HF_PRUNE_METHODS)}")
+    if args.global_budget:
+        raise ValueError("a transformers checkpoint needs the same expert count in every layer; use --per-layer")
+    if getattr(args, "dynamic_skip", False):
+        raise ValueError("--dynamic-skip applies to moekit runs")
+    if args.calib_tokens < 64:
+        raise ValueError(f"calibration too small: --calib-tokens must be >= 64, got {args.calib_tokens}")
+    model, blocks = H.load_hf(src)
+    top_k = int(getattr(model.config, "num_experts_per_tok", 1) or 1)
+    budget = budgets({i: b.num_experts for i, b in enumerate(blocks)}, {i: top_k for i in range(len(blocks))},
+                     args.keep, clamp_top_k=args.clamp_top_k)
+    seq_len = int(min(256, getattr(model.config, "max_position_embeddings", 256) or 256))
+    corpus = None
+    if not args.calib_data:
+        from .commands import _load_data
+
+        corpus = _load_data(None)
+    batches = H.calibration_batches_hf(src, model, seq_len, args.calib_tokens, text_path=args.calib_data,
+                                       corpus=corpus, domain=args.calib_domain)
+    stats = H.calibrate_hf(model, blocks, batches, progress=not args.no_progress)
+    low = [(b.name, e, int(c)) for b, s in zip(blocks, stats) for e, c in enumerate(s["count_E"].tolist())
+           if c < args.min_expert_tokens]
+    if low and not args.allow_undercalibrated:
+        raise ValueError(f"{len(low)} experts have fewer than {args.min_expert_tokens} calibration tokens (e.g. "
+                         f"{low[0][0]} expert {low[0][1]}: {low[0][2]}); pass --allow-undercalibrated")
+    if not args.json:
+        for b, s in zip(blocks, stats):
+            _err(f"{b.name}: tokens per expert {s['count_E'].tolist()}")
+    keep = [sorted(torch.topk(sc, budget[i]).indices.tolist()) for i, sc in enumerate(H.scores(stats, args.method))]
+    new = H.prune_hf(model, blocks, keep, method=args.method, stats=stats,
+                     dern_alpha=getattr(args, "dern_alpha", 0.4), clamp_top_k=args.clamp_top_k)
+    record = {"kind": "prune", "method": args.method, "keep": args.keep, "source": str(src.resolve()),
+              "input": "transformers", "kept": {b.name: k for b, k in zip(blocks, keep)},
+              "calibration": {"domain": args.calib_domain, "data": args.calib_data, "tokens": args.calib_tokens}}
+    from .io import atomic_write_json
+
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".compress-tmp", dir=out.absolute().parent))
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        new.save_pretrained(tmp)
+        skip = {"config.json", "generation_config.json", "model.safetensors.index.json"}
+        for f in src.iterdir():  # tokenizer and other side files travel with the weights
+            if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin", ".pt", ".pth")) \
+                    and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+        atomic_write_json(tmp / "moekit_compression.json", record)
+        if out.exists() or out.is_symlink():
+            raise ValueError(f"OUT {out} appeared while compressing; nothing written")
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    size = lambda folder: sum(f.stat().st_size for f in folder.iterdir() if f.suffix == ".safetensors")  # noqa: E731
+    summary = {"out": str(out), "method": args.method, "keep": args.keep, "experts_per_layer": [len(k) for k in keep],
+               "bytes_before": size(src), "bytes_after": size(out)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _err(f"{args.method}: experts per layer {[b.num_experts for b in blocks]} -> {summary['experts_per_layer']}; "
+             f"weights {summary['bytes_before']:,} -> {summary['bytes_after']:,} bytes -> {out}")
+    return 0

@@ -1,5 +1,7 @@
 """``moekit quantize SRC OUT``: a moekit run with low-bit packed experts (:mod:`moekit.compress.quant`,
-:class:`moekit.experts.QuantizedExperts`). Non-expert weights are kept as they are.
+:class:`moekit.experts.QuantizedExperts`). Non-expert weights are kept as they are. Methods: rtn, gptq, agq,
+ternary, hqq (optional package), eaquant (:mod:`moekit.compress.eaquant`); ``--act-bits`` simulates activation
+quantisation; ``--calib ebss`` calibrates on self-sampled text (:mod:`moekit.compress.ebss`).
 
 OUT is an ordinary run folder (``eval``, ``generate``, ``trace``, ``report`` open it): its config gets
 ``experts = "quantized"`` with ``experts_options`` (bits, group, symmetric, method) and, with ``--mixed``,
@@ -21,15 +23,22 @@ MIXED_CHOICES = (2, 3, 4)
 
 def add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="pack a run's experts into low-bit weights (rtn, gptq, agq, ternary, "
-                                        "MC mixed precision)")
+                                        "hqq, eaquant, MC mixed precision)")
     p.add_argument("src", help="run folder to quantise")
     p.add_argument("out", help="new run folder to write (must not exist)")
     p.add_argument("--bits", default="4", help="2, 3, 4, 8 or ternary (default 4; --method ternary implies it)")
     p.add_argument("--group", type=int, default=128,
                    help="group size along the input dimension (default 128; a narrower matrix uses its width)")
-    p.add_argument("--method", default="rtn", choices=("rtn", "gptq", "agq", "ternary"),
+    p.add_argument("--method", default="rtn", choices=("rtn", "gptq", "agq", "ternary", "hqq", "eaquant"),
                    help="rtn: round to nearest; gptq: GPTQ on each expert's input Hessian; agq: MoEQuant's "
-                        "routing-weighted GPTQ; ternary: {-1, 0, 1} with an absmean scale")
+                        "routing-weighted GPTQ; ternary: {-1, 0, 1} with an absmean scale; hqq: Half-Quadratic "
+                        "Quantization (optional extra: pip install 'moekit[hqq]'; asymmetric, float16 zeros); "
+                        "eaquant: EAQuant's shared smoothing chosen with a router-KL term, then GPTQ")
+    p.add_argument("--act-bits", type=int, default=None, metavar="B",
+                   help="simulated activation quantisation: fake-quantise the experts' inputs per token to B bits "
+                        "(2..8) in the saved model")
+    p.add_argument("--kl-weight", type=float, default=1.0,
+                   help="eaquant: weight of the router KL alignment term in the smoothing search (default 1)")
     grid = p.add_mutually_exclusive_group()
     grid.add_argument("--sym", dest="symmetric", action="store_true", default=True, help="symmetric grid (default)")
     grid.add_argument("--asym", dest="symmetric", action="store_false", help="asymmetric grid with zero points")
@@ -40,7 +49,11 @@ def add_quantize(sub) -> None:
                         "same mean: random experts get the MC solution's widths shuffled / floor and ceil of the "
                         "budget)")
     p.add_argument("--seed", type=int, default=0, help="seed of --allocation random")
-    p.add_argument("--calib-tokens", type=int, default=32768, help="calibration tokens (gptq, agq, --mixed)")
+    p.add_argument("--calib-tokens", type=int, default=32768,
+                   help="calibration tokens (gptq, agq, eaquant, --mixed)")
+    p.add_argument("--calib", default="corpus", choices=("corpus", "ebss"),
+                   help="calibration source: corpus (the run's training split, or --calib-data) or ebss (MoEQuant's "
+                        "expert-balanced self-sampling: the model writes it; --calib-seq-len, default 128)")
     p.add_argument("--calib-domain", default=None, help="calibrate on this domain of the run's corpus only")
     p.add_argument("--calib-data", default=None, help="calibrate on this text file or folder instead")
     p.add_argument("--calib-seq-len", type=int, default=None, help="calibration window (default: the run's)")
@@ -54,7 +67,19 @@ def _check_args(args):
     from .train.checkpoint import read_run_config
     from .train.config import check_run_config
 
+    if args.method == "hqq" and not Q.hqq_available():
+        raise ValueError(Q.hqq_missing_message())
+    if args.method == "hqq":
+        args.symmetric = False  # HQQ's grid has a (fractional) zero point
     bits = "ternary" if args.method == "ternary" else Q.check_bits(args.bits)
+    if args.method == "hqq" and bits not in Q.HQQ_BITS:
+        raise ValueError(f"--method hqq quantises to {', '.join(map(str, Q.HQQ_BITS))} bits, got {bits!r}")
+    if args.act_bits is not None and not 2 <= args.act_bits <= 8:
+        raise ValueError(f"--act-bits must be in 2..8, got {args.act_bits}")
+    if not args.kl_weight >= 0:
+        raise ValueError(f"--kl-weight must be >= 0, got {args.kl_weight}")
+    if args.calib == "ebss" and args.calib_data:
+        raise ValueError("--calib ebss writes its own calibration text: drop --calib-data")
     if args.method != "ternary" and bits == "ternary":
         raise ValueError("--bits ternary goes with --method ternary")
     if bits == "ternary" and not args.symmetric:
@@ -62,7 +87,7 @@ def _check_args(args):
     if args.group < 1:
         raise ValueError(f"--group must be >= 1, got {args.group}")
     if args.mixed is not None:
-        if args.method == "ternary":
+        if args.method in ("ternary", "hqq", "eaquant"):
             raise ValueError("--mixed chooses among 2, 3 and 4 bits: use --method rtn, gptq or agq")
         if not min(MIXED_CHOICES) <= args.mixed <= max(MIXED_CHOICES):
             raise ValueError(f"--mixed must be in [{min(MIXED_CHOICES)}, {max(MIXED_CHOICES)}], got {args.mixed}")
@@ -82,8 +107,12 @@ def _check_args(args):
     cfg = read_run_config(src)
     model_cfg, _ = check_run_config(cfg, str(src / "config.json"))
     for index, moe in model_cfg.layer_moes.items():
-        if moe.experts != "dense":
-            raise ValueError(f"layer {index} has experts of kind {moe.experts!r}; quantize reads dense experts")
+        if moe.experts not in ("dense", "ternary"):
+            raise ValueError(f"layer {index} has experts of kind {moe.experts!r}; quantize reads dense (or "
+                             "ternary-trained) experts")
+        if args.method == "eaquant" and (moe.router != "topk" or moe.score_func != "softmax"):
+            raise ValueError(f"--method eaquant needs softmax top-k routers; layer {index} has {moe.router} "
+                             f"({moe.score_func})")
         for name, cols in (("dim", moe.dim), ("hidden_dim", moe.hidden_dim)):
             if args.group < cols and cols % args.group:
                 raise ValueError(f"--group {args.group} does not divide layer {index}'s {name}={cols}")
@@ -97,6 +126,10 @@ def _calibration(args, cfg, model):
     from .compress.calibrate import calibration_batches, text_batches
     from .train.config import run_data_path
 
+    if args.calib == "ebss":
+        from .compress.ebss import ebss_batches
+
+        return ebss_batches(model, args.calib_tokens, args.calib_seq_len or 128)
     seq_len = args.calib_seq_len or cfg["train"]["seq_len"]
     if args.calib_data:
         return text_batches(args.calib_data, seq_len, args.calib_tokens)
@@ -134,12 +167,17 @@ def cmd_quantize(args) -> int:
     bits, cfg, _ = _check_args(args)
     src, out = Path(args.src), Path(args.out)
     model, cfg = load_run(src)
-    need_calib = args.method in ("gptq", "agq") or args.mixed is not None
+    need_calib = args.method in ("gptq", "agq", "eaquant") or args.mixed is not None
     recs = {}
+    layer_inputs = {}
     if need_calib:
         batches = _calibration(args, cfg, model)
         recs = Q.collect_expert_hessians(model, batches, weighted=args.method == "agq", stats=True,
                                          keep_rows=256 if args.mixed is not None else 0)
+        if args.method == "eaquant":
+            from .compress.eaquant import keep_layer_inputs
+
+            layer_inputs = keep_layer_inputs(model, batches, 2048)
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
     index_of = {}
     for pos, (name, _) in enumerate(layers):
@@ -148,6 +186,12 @@ def cmd_quantize(args) -> int:
                                if p == "layers" and parts[i + 1].isdigit()), pos)
     new_cfg = json.loads(json.dumps(cfg))
     options = {"bits": bits, "group": args.group, "symmetric": args.symmetric, "method": args.method}
+    if args.method == "hqq":
+        options["zero_dtype"] = "float16"
+    if args.act_bits is not None:
+        options["act_bits"] = args.act_bits
+    if args.method == "eaquant":
+        options["smooth"] = True
     new_cfg["model"]["moe"]["experts"] = "quantized"
     new_cfg["model"]["moe"]["experts_options"] = dict(options)
     overrides = new_cfg["model"].get("moe_overrides") or {}
@@ -166,9 +210,30 @@ def cmd_quantize(args) -> int:
         E = experts.num_experts
         rec = recs.get(name)
 
+        smooth = None
+        if args.method == "eaquant":
+            from .compress import eaquant as EA
+
+            def rtn_pair(e, up_s, down, b=bits):
+                return (Q.rtn(up_s, b, args.group, args.symmetric).dequantize(),
+                        Q.rtn(down, b, args.group, args.symmetric).dequantize())
+
+            gate = layer.gate
+            smooth, alpha, table = EA.search_smoothing(
+                layer_inputs[name], gate, w_up, w_down, experts.act_spec.fn, args.act_bits, layer.config.top_k,
+                getattr(gate, "norm_topk", False), getattr(gate, "scaling_factor", 1.0), rtn_pair,
+                kl_weight=args.kl_weight)
+            w_up = w_up * smooth  # the stored up matrices hold the shared smoothing
+            if rec is not None:  # inputs become x / s: H -> S^-1 H S^-1
+                inv = (1.0 / smooth).to(torch.float64)
+                rec["up"] = rec["up"] * inv[None, :, None] * inv[None, None, :]
+            summary_layers.append({"layer": index_of[name], "alpha": alpha,
+                                   "candidates": [{k: r[k] for k in ("alpha", "output_error", "kl", "loss")}
+                                                  for r in table]})
+
         def quantize(e, b, rec=rec, w_up=w_up, w_down=w_down):
             h_up = h_down = None
-            if rec is not None and args.method in ("gptq", "agq") and rec["count"][e] >= 8:
+            if rec is not None and args.method in ("gptq", "agq", "eaquant") and rec["count"][e] >= 8:
                 h_up, h_down = rec["up"][e], rec["down"][e]
             return (Q.quantize_matrix(w_up[e], args.method, b, args.group, args.symmetric, h_up),
                     Q.quantize_matrix(w_down[e], args.method, b, args.group, args.symmetric, h_down))
@@ -198,13 +263,14 @@ def cmd_quantize(args) -> int:
             summary_layers.append({"layer": index_of[name], "expert_bits": expert_bits, "objective": cost})
         else:
             pairs = [quantize(e, bits) for e in range(E)]
-        packed[name] = pairs
+        packed[name] = (pairs, smooth)
     if overrides:
         new_cfg["model"]["moe_overrides"] = overrides
     new_cfg["quantization"] = {"source": str(src.resolve()), **options, "mixed": args.mixed,
                                "allocation": args.allocation if args.mixed is not None else None,
                                "calib_tokens": args.calib_tokens if need_calib else 0,
-                               "calib_domain": args.calib_domain, "calib_data": args.calib_data}
+                               "calib_domain": args.calib_domain, "calib_data": args.calib_data,
+                               "calib": args.calib if need_calib else None, "act_bits": args.act_bits}
     model_cfg, train_cfg = check_run_config(new_cfg, "quantized config")
     qmodel = MoELM(model_cfg).to(_dtype(train_cfg.dtype))
     old_sd = model.state_dict()
@@ -213,9 +279,11 @@ def cmd_quantize(args) -> int:
     missing = set(new_sd) - set(keep)
     qmodel.load_state_dict(keep, strict=False)
     qlayers = {name: m for name, m in qmodel.named_modules() if isinstance(m, MoE)}
-    for name, pairs in packed.items():
+    for name, (pairs, smooth) in packed.items():
         qexp = qlayers[name].experts
         assert isinstance(qexp, QuantizedExperts)
+        if smooth is not None:
+            qexp.smooth.copy_(smooth)
         for e, (up, down) in enumerate(pairs):
             qexp.set_packed(qexp.up_name, e, up)
             qexp.set_packed("down_proj", e, down)
@@ -255,7 +323,10 @@ def cmd_quantize(args) -> int:
         print(f"expert weights {dense_bytes:,} -> {q_bytes:,} bytes ({q_bytes / dense_bytes:.3f}x); file "
               f"{summary['file_bytes_source']:,} -> {summary['file_bytes']:,} bytes", file=sys.stderr)
         for row in summary_layers:
-            print(f"layer {row['layer']}: expert bits {row['expert_bits']}", file=sys.stderr)
+            if "expert_bits" in row:
+                print(f"layer {row['layer']}: expert bits {row['expert_bits']}", file=sys.stderr)
+            else:
+                print(f"layer {row['layer']}: shared smoothing alpha {row['alpha']}", file=sys.stderr)
         if undercalibrated:
             print(f"{len(undercalibrated)} experts saw fewer than 8 calibration tokens and were rounded to nearest: "
                   f"{undercalibrated[:8]}", file=sys.stderr)

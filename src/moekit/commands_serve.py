@@ -16,20 +16,47 @@ def _split(text: str, allowed: tuple[str, ...], what: str) -> list[str]:
 
 
 def add_simulate(sub) -> None:
+    from .serve.cost import PRESETS
+    from .serve.importers import FORMATS
     from .serve.simulate import POLICIES, PREFETCHERS
 
     p = sub.add_parser("simulate", help="expert-cache hit rates on a routing trace (every policy x prefetcher)")
-    p.add_argument("trace", help="routing trace (.safetensors, written by moekit trace)")
+    p.add_argument("trace", help="routing trace: moekit (.safetensors), SGLang per_token dump (.pt) or vLLM "
+                                 "routed_experts (.npy/.npz/.jsonl)")
+    p.add_argument("--format", choices=FORMATS, default=None, help="trace format (default: from the suffix)")
+    p.add_argument("--num-experts", type=int, default=None,
+                   help="experts per layer of an imported trace (default: the largest id + 1)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="read an SGLang dump (a torch.save pickle) with torch's weights-only loader; refused "
+                        "without this flag: pass it only for files you trust")
+    p.add_argument("--run", default=None, help="moekit run the trace must come from (layer and expert counts)")
+    p.add_argument("--layers", type=int, default=None, help="MoE layers the trace must have")
+    p.add_argument("--experts", type=int, default=None, help="experts per layer the trace must have")
     p.add_argument("--budget", type=float, default=0.25, help="fraction of each layer's experts resident (0.25)")
     p.add_argument("--policies", default=",".join(POLICIES), help=f"comma-separated subset of {','.join(POLICIES)}")
     p.add_argument("--prefetch", default=",".join(PREFETCHERS),
                    help=f"comma-separated subset of {','.join(PREFETCHERS)} (belady runs with none only)")
+    p.add_argument("--pool", choices=("layer", "shared"), default="layer",
+                   help="one cache per layer (default) or one pool of the same total slots for all layers "
+                        "(shallow and adaptive need per-layer caches and are left out)")
     p.add_argument("--warmup", type=float, default=0.2,
-                   help="fraction of tokens that warm the caches and fit the prefetch table, not counted (0.2)")
+                   help="fraction of tokens that warm the caches and fit the predictors, not counted (0.2)")
     p.add_argument("--decay", type=float, default=0.95, help="lfu: decay of the use counts per token (0.95)")
+    p.add_argument("--pin-tokens", type=int, default=2,
+                   help="lru_pinned: tokens a prefetched expert stays pinned at most while unused (2)")
+    p.add_argument("--request-tokens", type=int, default=64,
+                   help="trace_match: request length when the trace has no sequences (64)")
     p.add_argument("--expert-bytes", type=int, default=None,
                    help="bytes per expert for bytes moved (default: 3*dim*hidden_dim*2 from the trace's model)")
-    p.add_argument("--per-layer", action="store_true", help="also print per-layer hit rates")
+    p.add_argument("--cost-model", default=None,
+                   help=f"simulated decode time on a two-tier machine: a preset ({', '.join(PRESETS)}) or a "
+                        "JSON/TOML file of its rates (see moekit.serve.cost.CostModel)")
+    p.add_argument("--schedule", type=int, default=None, metavar="MICRO",
+                   help="instead of the cache table: ExpertFlow token scheduling into micro-batches of MICRO "
+                        "requests; distinct experts against arrival order")
+    p.add_argument("--batch", type=int, default=16, help="--schedule: requests decoding together (16)")
+    p.add_argument("--max-steps", type=int, default=256, help="--schedule: decode steps measured at most (256)")
+    p.add_argument("--per-layer", action="store_true", help="also print per-layer hit rate, precision, recall, lead")
     p.add_argument("--json", action="store_true", help="print the results as JSON on stdout")
     p.set_defaults(func=cmd_simulate)
 
@@ -55,36 +82,116 @@ def _fmt(x) -> str:
     return "   -" if x is None or x != x else f"{x:.3f}"
 
 
+def _load_checked(args):
+    """The trace of ``args.trace`` in ``args.format``, checked against ``--run`` / ``--layers`` / ``--experts``."""
+    from .serve.importers import check_model, load_any, run_shape
+
+    if args.num_experts is not None and args.num_experts < 1:
+        raise ValueError(f"--num-experts must be >= 1, got {args.num_experts}")
+    for name in ("layers", "experts"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise ValueError(f"--{name} must be >= 1, got {v}")
+    shape = run_shape(args.run) if args.run else None
+    trace = load_any(args.trace, args.format, args.num_experts, allow_pickle=args.allow_pickle)
+    if shape is not None:
+        check_model(trace, *shape, what=f"run {args.run}")
+    check_model(trace, args.layers, args.experts, what="the stated model")
+    return trace
+
+
+def _print_schedule(args, trace) -> int:
+    from .serve.schedule import schedule_trace
+
+    if args.max_steps < 1:
+        raise ValueError(f"--max-steps must be >= 1, got {args.max_steps}")
+    report = schedule_trace(trace, args.batch, args.schedule, warmup=args.warmup, max_steps=args.max_steps,
+                            progress=sys.stderr.isatty() and not args.json)
+    if args.json:
+        print(json.dumps({"trace": str(args.trace), "schedule": report}, indent=1))
+        return 0
+    d, ps = report["distinct_experts"], report["per_step"]
+    print(f"{Path(args.trace).name}: {report['steps']} decode steps of {args.batch} requests in micro-batches of "
+          f"{args.schedule}; distinct experts summed over micro-batches and {report['layers']} layers")
+    print(f"{'grouping':34s} {'per step':>9s} {'total':>9s}")
+    print(f"{'arrival order':34s} {ps['arrival']:9.1f} {d['arrival']:9d}")
+    print(f"{'scheduled on predicted routing':34s} {ps['predicted']:9.1f} {d['predicted']:9d}  "
+          f"({100 * report['reduction_predicted']:.1f}% fewer)")
+    print(f"{'scheduled on true routing (oracle)':34s} {ps['oracle']:9.1f} {d['oracle']:9d}  "
+          f"({100 * report['reduction_oracle']:.1f}% fewer)")
+    return 0
+
+
 def cmd_simulate(args) -> int:
+    from tqdm import tqdm
+
+    from .serve.cost import load_cost_model
     from .serve.simulate import POLICIES, PREFETCHERS, layer_slots, simulate
-    from .trace import load_trace
 
     policies = _split(args.policies, POLICIES, "policies")
     prefetchers = _split(args.prefetch, PREFETCHERS, "prefetch")
+    if args.pool == "shared":
+        per_layer = [p for p in policies if p in ("shallow", "adaptive")]
+        if per_layer and args.policies != ",".join(POLICIES):
+            raise ValueError(f"--pool shared: {', '.join(per_layer)} allocate slots per layer; leave them out")
+        policies = [p for p in policies if p not in ("shallow", "adaptive")]
     if args.expert_bytes is not None and args.expert_bytes <= 0:
         raise ValueError(f"--expert-bytes must be positive, got {args.expert_bytes}")
-    trace = load_trace(args.trace)
+    if args.pin_tokens < 1:
+        raise ValueError(f"--pin-tokens must be >= 1, got {args.pin_tokens}")
+    if args.request_tokens < 1:
+        raise ValueError(f"--request-tokens must be >= 1, got {args.request_tokens}")
+    cost = load_cost_model(args.cost_model) if args.cost_model else None
+    trace = _load_checked(args)
+    if args.schedule is not None:
+        return _print_schedule(args, trace)
     layer_slots(trace, args.budget)  # the budget check before any work
+    if cost is not None:  # the expert's bytes and FLOPs must be known before any work
+        from .serve.simulate import expert_bytes
+
+        cost.times(trace, args.expert_bytes if args.expert_bytes is not None else expert_bytes(trace))
+    configs = [(policy, prefetch) for policy in policies
+               for prefetch in (["none"] if policy == "belady" else prefetchers)]
+    shared: dict = {}
     results = []
-    for policy in policies:
-        for prefetch in (["none"] if policy == "belady" else prefetchers):
-            results.append(simulate(trace, args.budget, policy, prefetch, warmup=args.warmup, decay=args.decay,
-                                    bytes_per_expert=args.expert_bytes))
+    for policy, prefetch in tqdm(configs, desc="simulate", disable=len(configs) < 4 or not sys.stderr.isatty()):
+        results.append(simulate(trace, args.budget, policy, prefetch, warmup=args.warmup, decay=args.decay,
+                                bytes_per_expert=args.expert_bytes, pin_tokens=args.pin_tokens,
+                                request_tokens=args.request_tokens, cost_model=cost, pool=args.pool,
+                                _cache=shared))
     if args.json:
-        print(json.dumps({"trace": str(args.trace), "budget": args.budget, "results": [r.to_dict() for r in results]},
-                         indent=1))
+        print(json.dumps({"trace": str(args.trace), "budget": args.budget,
+                          "cost_model": cost.to_dict() if cost else None,
+                          "results": [r.to_dict() for r in results]}, indent=1))
         return 0
+    where = "per layer" if args.pool == "layer" else "in one pool shared by all layers"
     print(f"{Path(args.trace).name}: {trace.num_tokens} tokens ({results[0].measured_tokens} measured), "
-          f"{trace.num_layers} layers, budget {args.budget:g} of the experts per layer")
-    print(f"{'policy':10s} {'prefetch':12s} {'hit rate':>8s} {'precision':>9s} {'recall':>7s} {'loads':>9s}")
+          f"{trace.num_layers} layers x {trace.num_experts} experts, budget {args.budget:g} of the experts {where}")
+    print(f"{'policy':12s} {'prefetch':12s} {'hit rate':>8s} {'precision':>9s} {'recall':>7s} {'lead':>5s} "
+          f"{'loads':>9s}" + ("  ms/token" if cost else ""))
     for r in results:
-        print(f"{r.policy:10s} {r.prefetch:12s} {_fmt(r.hit_rate):>8s} {_fmt(r.precision):>9s} {_fmt(r.recall):>7s} "
-              f"{r.loads:9d}" + (f"  {r.bytes_moved / 2**20:.1f} MiB" if r.bytes_moved is not None else ""))
+        lead = "    -" if r.lead_time != r.lead_time else f"{r.lead_time:5.2f}"
+        line = (f"{r.policy:12s} {r.prefetch:12s} {_fmt(r.hit_rate):>8s} {_fmt(r.precision):>9s} "
+                f"{_fmt(r.recall):>7s} {lead} {r.loads:9d}")
+        if cost:
+            line += f"  {r.cost['ms_per_token']:8.3f}"
+        if r.bytes_moved is not None:
+            line += f"  {r.bytes_moved / 2**20:.1f} MiB"
+        print(line)
         if args.per_layer:
-            print("    per layer: " + " ".join(_fmt(s.hit_rate) for s in r.layers))
+            print("    hit rate:  " + " ".join(_fmt(s.hit_rate) for s in r.layers))
+            if r.prefetch != "none":
+                print("    precision: " + " ".join(_fmt(s.precision) for s in r.layers))
+                print("    recall:    " + " ".join(_fmt(s.recall) for s in r.layers))
+                print("    lead:      " + " ".join(_fmt(s.lead_time) for s in r.layers))
     bound = [r for r in results if r.policy == "belady"]
     if bound:
         print(f"belady (offline optimum of demand loading): {bound[0].hit_rate:.3f}")
+    if cost:
+        c = results[0].cost
+        print(f"cost model: all experts resident {c['resident_ms_per_token']:.3f} ms/token; a miss costs "
+              f"{c['miss_ms']:.3f} ms ({c['miss_choice']}: move {c['move_ms']:.3f} ms, host "
+              f"{'-' if c['host_ms'] is None else format(c['host_ms'], '.3f')} ms)")
     return 0
 
 

@@ -18,12 +18,19 @@ are its own, chosen on tiny byte-level runs, and all are arguments:
 - over-adaptation is limited as in the paper by the few steps on few parameters, plus an optional
   ``max_norm`` that projects each ``delta_E`` back onto a ball of that L2 radius after every step.
 
+Transformers models: after :func:`moekit.hf.surgery.replace_routers` the moekit routers inside the
+:class:`~moekit.hf.surgery.RouterAdapter` modules carry the offsets, and the Rewirer adapts them the same way
+(``layers`` then counts the replaced routers in module order; pass ``pad_id`` = the tokenizer's pad id, or
+None, since moekit's byte PAD id means nothing there). :mod:`moekit.adapt.hf` writes the deltas back or saves
+them beside the checkpoint.
+
 Legend: B batch, L length, E experts, K top-k, V vocabulary.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -50,13 +57,43 @@ def frozen_weights(model: nn.Module):
             p.requires_grad_(flag)
 
 
-def next_token_loss(model: nn.Module, ids_BL: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy (nats) of ``model`` on ``ids_BL``, PAD positions masked out."""
+def model_logits(model: nn.Module, ids_BL: torch.Tensor, attention_mask=None) -> torch.Tensor:
+    """``logits [B, L, V]`` of a moekit model (a tensor) or a transformers model (``.logits``)."""
+    out = model(ids_BL, attention_mask=attention_mask) if attention_mask is not None else model(ids_BL)
+    return out.logits if hasattr(out, "logits") else out
+
+
+class _Slot:
+    """A replaced transformers router seen as a MoE layer: ``gate`` (the moekit router) and ``last_routing``."""
+
+    def __init__(self, adapter: nn.Module):
+        self.adapter, self.gate = adapter, adapter.router
+
+    @property
+    def last_routing(self):
+        return self.adapter.last_routing
+
+
+def routed_layers(model: nn.Module) -> list:
+    """moekit's MoE layers of ``model``, or else the router adapters of a transformers model after
+    :func:`moekit.hf.surgery.replace_routers` (each with ``gate`` and ``last_routing``), in module order."""
+    layers = moe_layers(model)
+    if layers:
+        return layers
+    from ..hf.surgery import adapters
+
+    return [_Slot(a) for a in adapters(model)]
+
+
+def next_token_loss(model: nn.Module, ids_BL: torch.Tensor, pad_id: int | None = PAD_ID) -> torch.Tensor:
+    """Mean next-token cross-entropy (nats) of ``model`` on ``ids_BL``, ``pad_id`` positions masked out."""
     inputs_BL, targets_BL = ids_BL[:, :-1], ids_BL[:, 1:].clone()
-    real_BL = inputs_BL != PAD_ID
-    mask = None if bool(real_BL.all()) else real_BL
-    logits_BLV = model(inputs_BL, attention_mask=mask)
-    targets_BL[targets_BL == PAD_ID] = -100
+    mask = None
+    if pad_id is not None:
+        real_BL = inputs_BL != pad_id
+        mask = None if bool(real_BL.all()) else real_BL
+        targets_BL[targets_BL == pad_id] = -100
+    logits_BLV = model_logits(model, inputs_BL, mask)
     return F.cross_entropy(logits_BLV.float().transpose(1, 2), targets_BL, ignore_index=-100)
 
 
@@ -98,8 +135,8 @@ class Rewirer:
 
     def __init__(self, model: nn.Module, layers: list[int] | None = None, *, lr: float = 0.01, steps: int = 3,
                  every: int = 64, optimizer: str = "adam", max_norm: float | None = None,
-                 report_routing: bool = True):
-        layers_all = moe_layers(model)
+                 report_routing: bool = True, pad_id: int | None | str = "auto"):
+        layers_all = routed_layers(model)
         if not layers_all:
             raise ValueError(f"Rewirer: {type(model).__name__} has no MoE layer")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -129,6 +166,7 @@ class Rewirer:
         self.lr, self.steps, self.every = float(lr), steps, every
         self.optimizer_name, self.max_norm = optimizer, max_norm
         self.report_routing = report_routing
+        self.pad_id = (PAD_ID if moe_layers(model) else None) if pad_id == "auto" else pad_id
         self.last_report: RewireReport | None = None
         self._optimizer = None
         self.reset()
@@ -171,7 +209,7 @@ class Rewirer:
 
     @torch.no_grad()
     def _topk(self, ids_BL: torch.Tensor) -> list[torch.Tensor | None]:
-        self.model(ids_BL[:, :-1])
+        model_logits(self.model, ids_BL[:, :-1])
         return [None if layer.last_routing is None or layer.last_routing.topk_ids is None
                 else layer.last_routing.topk_ids.clone() for layer in self.all_layers]
 
@@ -216,7 +254,7 @@ class Rewirer:
             with frozen_weights(self.model), torch.enable_grad():
                 for step in range(self.steps):
                     self._optimizer.zero_grad(set_to_none=True)
-                    loss = next_token_loss(self.model, ids_BL)
+                    loss = next_token_loss(self.model, ids_BL, self.pad_id)
                     if step == 0:
                         before = float(loss.detach())
                     loss.backward()
@@ -228,13 +266,14 @@ class Rewirer:
                                 if norm > self.max_norm:
                                     t.mul_(self.max_norm / norm)
             with torch.no_grad():
-                after = float(next_token_loss(self.model, ids_BL))
+                after = float(next_token_loss(self.model, ids_BL, self.pad_id))
             if not self.steps:
                 before = after
         finally:
             self.model.train(was_training)
         change = self.routing_change(ids_BL) if self.report_routing else []
-        self.last_report = RewireReport(int((ids_BL[:, 1:] != PAD_ID).sum()), before, after, self.delta_norms(),
+        real = ids_BL[:, 1:] != self.pad_id if self.pad_id is not None else torch.ones_like(ids_BL[:, 1:], dtype=torch.bool)
+        self.last_report = RewireReport(int(real.sum()), before, after, self.delta_norms(),
                                         change)
         return self.last_report
 
@@ -254,9 +293,10 @@ def windows_from_corpus(corpus, seq_len: int, max_windows: int | None = None, sp
     return [w for w in out if len(w) >= 2]
 
 
-def _nats(logits_LV: torch.Tensor, targets_L: torch.Tensor) -> torch.Tensor:
+def _nats(logits_LV: torch.Tensor, targets_L: torch.Tensor, pad_id: int | None = PAD_ID) -> torch.Tensor:
     targets_L = targets_L.clone()
-    targets_L[targets_L == PAD_ID] = -100
+    if pad_id is not None:
+        targets_L[targets_L == pad_id] = -100
     return F.cross_entropy(logits_LV.float(), targets_L, ignore_index=-100, reduction="none")
 
 
@@ -274,16 +314,22 @@ def evaluate_streaming(model: nn.Module, rewirer: Rewirer, windows, chunk: int |
 
     Returns ``bits_per_byte`` (rewired), ``bits_per_byte_plain``, ``tokens``, ``adaptations``,
     ``routing_change`` (mean fraction of changed top-k choices over the adaptations, when the rewirer reports
-    it) and, with ``per_token``, the per-target nats of both as lists per window.
+    it), the wall time of the plain scoring (``seconds_plain``, one forward per window), of the adaptations
+    (``seconds_adapt``, routing-change measurement included when reported) and of the chunked rewired
+    scoring (``seconds_score``), and, with ``per_token``, the per-target nats of both as lists per window.
+    ``rewirer`` may be any object with ``reset()``, ``adapt(ids)`` and ``every`` (e.g.
+    :class:`moekit.adapt.DynamicEvaluator`).
     """
     chunk = rewirer.every if chunk is None else chunk
     if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"evaluate_streaming: chunk must be an integer >= 1, got {chunk!r}")
     device = next(model.parameters()).device
+    pad_id = getattr(rewirer, "pad_id", PAD_ID)
     was_training = model.training
     model.eval()
     nats_plain = nats_rewired = 0.0
     count = adaptations = 0
+    t_plain = t_adapt = t_score = 0.0
     changes: list[float] = []
     per_plain, per_rewired = [], []
     try:
@@ -293,11 +339,14 @@ def evaluate_streaming(model: nn.Module, rewirer: Rewirer, windows, chunk: int |
             if N < 2:
                 continue
             rewirer.reset()
+            t0 = time.perf_counter()
             with torch.no_grad():
-                plain_L = _nats(model(ids_N[None, :-1])[0], ids_N[1:])
+                plain_L = _nats(model_logits(model, ids_N[None, :-1])[0], ids_N[1:], pad_id)
+            t_plain += time.perf_counter() - t0
             pieces = []
             for c in range(0, N - 1, chunk):
                 end = min(c + chunk, N - 1)
+                t0 = time.perf_counter()
                 if c > 0:
                     report = rewirer.adapt(ids_N[:c + 1])
                     adaptations += 1
@@ -305,13 +354,17 @@ def evaluate_streaming(model: nn.Module, rewirer: Rewirer, windows, chunk: int |
                         changes.append(report.routing_change_mean)
                     if trace is not None:
                         trace.append(("adapt", w, c))
+                t1 = time.perf_counter()
                 with torch.no_grad():
-                    logits_LV = model(ids_N[None, :end])[0, c:end]
-                pieces.append(_nats(logits_LV, ids_N[c + 1:end + 1]))
+                    logits_LV = model_logits(model, ids_N[None, :end])[0, c:end]
+                pieces.append(_nats(logits_LV, ids_N[c + 1:end + 1], pad_id))
+                t2 = time.perf_counter()
+                t_adapt += t1 - t0
+                t_score += t2 - t1
                 if trace is not None:
                     trace.append(("score", w, c + 1, end))
             rewired_L = torch.cat(pieces)
-            scored_L = ids_N[1:] != PAD_ID
+            scored_L = (ids_N[1:] != pad_id) if pad_id is not None else torch.ones_like(ids_N[1:], dtype=torch.bool)
             nats_plain += float(plain_L[scored_L].double().sum())
             nats_rewired += float(rewired_L[scored_L].double().sum())
             count += int(scored_L.sum())
@@ -325,7 +378,8 @@ def evaluate_streaming(model: nn.Module, rewirer: Rewirer, windows, chunk: int |
     out = {"bits_per_byte": nats_rewired / count / ln2 if count else float("nan"),
            "bits_per_byte_plain": nats_plain / count / ln2 if count else float("nan"),
            "tokens": count, "adaptations": adaptations,
-           "routing_change": sum(changes) / len(changes) if changes else float("nan")}
+           "routing_change": sum(changes) / len(changes) if changes else float("nan"),
+           "seconds_plain": t_plain, "seconds_adapt": t_adapt, "seconds_score": t_score}
     if per_token:
         out["nats"], out["nats_plain"] = per_rewired, per_plain
     return out

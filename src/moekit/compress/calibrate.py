@@ -57,8 +57,9 @@ API (everything a consumer needs):
   count)`` with fewer than ``n`` routed tokens (returns the list instead when ``allow``).
 * :func:`calibration_batches(corpus, seq_len, num_tokens, *, domain=None, batch_size=8, seed=0)` windows of
   the training split (of one domain, or evenly spaced over the whole split); :func:`text_batches(path,
-  seq_len, num_tokens)` windows of a user's text file or folder; :func:`available_tokens` checks the size
-  before any work.
+  seq_len, num_tokens)` windows of a user's text file or folder; :func:`ebss_calibration_batches(model,
+  seq_len, num_tokens)` text the model writes itself (MoEQuant's EBSS, :mod:`moekit.compress.ebss`);
+  :func:`available_tokens` checks the size before any work.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ import torch.nn.functional as F
 from ..layer import MoE, moe_layers
 
 __all__ = ["ALL_EXPERTS_ROWS", "RATIO_BINS", "CalibrationStats", "LayerCalibration", "available_tokens",
-           "calibrate", "calibration_batches", "require_min_tokens", "text_batches"]
+           "calibrate", "calibration_batches", "ebss_calibration_batches", "require_min_tokens", "text_batches"]
 
 RATIO_BINS = 4096
 ALL_EXPERTS_ROWS = 1 << 16  # rows per all-experts chunk (tokens x experts)
@@ -523,3 +524,12 @@ def text_batches(path, seq_len: int, num_tokens: int, batch_size: int = 8) -> li
         raise ValueError(f"calibration too small: --calib-data {path} holds {len(tokens):,} tokens, "
                          f"--calib-tokens asks {num_tokens:,}")
     return _batched(_windows(tokens, [(0, len(tokens))], seq_len, num_tokens), batch_size)
+
+
+def ebss_calibration_batches(model, seq_len: int, num_tokens: int, batch_size: int = 8,
+                             progress: bool = True) -> list[dict]:
+    """Calibration batches the model writes itself: MoEQuant's expert-balanced self-sampling
+    (:mod:`moekit.compress.ebss`), in the format of :func:`calibration_batches`."""
+    from .ebss import ebss_batches
+
+    return ebss_batches(model, num_tokens, seq_len, batch_size=batch_size, progress=progress)

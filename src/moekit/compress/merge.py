@@ -8,11 +8,11 @@
   (``cut_tree``), and the weights of each cluster averaged with the members' routing frequencies (routed
   calibration tokens) as weights.
 * ``uncurl``: UNCURL (Sarkar et al. 2024, "Revisiting SMoE Language Models by Evaluating Inefficiencies with
-  Task Specific Expert Pruning", arXiv:2409.01483): experts are clustered by their router logits on task data
-  (here: the Pearson correlation of the experts' logit columns over the calibration tokens, distance
-  ``1 - corr``, average linkage; the paper uses spectral clustering on the same kind of similarity) and each
-  cluster merged by activation-frequency-weighted averaging. The paper's neuron alignment before merging is
-  not done here.
+  Task Specific Expert Pruning", arXiv:2409.01483), :mod:`moekit.compress.uncurl`: spectral clustering of the
+  experts on the cosine similarity of their router-logit columns over the task (calibration) data, then each
+  cluster merged after aligning the members' neurons to the dominant member (MC-SMoE style permutation
+  alignment), frequency-weighted. ``uncurl_simple`` is the earlier simplified version kept for comparison
+  (average-linkage clustering of ``1 - Pearson correlation`` of the logit columns, no neuron alignment).
 
 Router rows: a merged expert cannot reproduce ``logsumexp`` of its members' logits with one linear row; the
 default keeps the row of the member with the largest routing frequency (``router_rows="dominant"``, as
@@ -29,7 +29,7 @@ from .prune import keep_sets, rebuild_model
 
 __all__ = ["MERGE_METHODS", "cluster_experts", "merge_groups", "merge_model"]
 
-MERGE_METHODS = ("hc_smoe", "uncurl")
+MERGE_METHODS = ("hc_smoe", "uncurl", "uncurl_simple")
 
 
 def cluster_experts(features_ED: np.ndarray, n_clusters: int, *, metric: str = "euclidean",
@@ -71,6 +71,10 @@ def merge_groups(stats: CalibrationStats, counts: dict[int, int], method: str = 
         if method == "hc_smoe":
             out[i] = cluster_experts(s.output_mean_ED.numpy(), n)
         elif method == "uncurl":
+            from .uncurl import uncurl_groups
+
+            out[i] = uncurl_groups(stats, {i: n})[i]
+        elif method == "uncurl_simple":
             if s.logit_gram_EE is None:
                 raise ValueError(f"uncurl needs router logits; layer {i}'s router gives none")
             out[i] = cluster_experts(np.zeros((s.num_experts, 1)), n, distances=_uncurl_distances(s))
@@ -83,6 +87,10 @@ def merge_model(model: torch.nn.Module, stats: CalibrationStats, counts: dict[in
                 method: str = "hc_smoe", router_rows: str = "dominant", clamp_top_k: bool = False):
     """``(merged model, groups)``: each layer's experts clustered into ``counts[i]`` and merged with
     frequency weights (module docstring)."""
+    if method == "uncurl":
+        from .uncurl import uncurl_model
+
+        return uncurl_model(model, stats, counts, router_rows=router_rows, clamp_top_k=clamp_top_k)
     groups = merge_groups(stats, counts, method)
     weights = {i: stats.layer(i).count_E.double() for i in groups}
     model_out = rebuild_model(model, groups, member_weights=weights, router_rows=router_rows,

@@ -23,6 +23,11 @@ highest scores are kept:
   time, the expert whose removal adds the least error). Dynamic skipping (:func:`enable_dynamic_skipping`):
   a token's 2nd expert is skipped when ``w2 < beta * w1``, ``beta`` the median of ``w2 / w1`` on calibration
   data (for top-k > 2 every non-first expert is compared with ``w1``); the kept weight is not renormalised.
+* ``dern``: DERN (arXiv:2509.10377), :mod:`moekit.compress.dern`: experts dropped by summed routing weight,
+  their neuron segments merged into the most compatible kept experts.
+* ``uncurl``: UNCURL (arXiv:2409.01483), :mod:`moekit.compress.uncurl`: task-specific clustering of the experts
+  on their router logits over the (task) calibration data, each cluster merged into one expert; the same as
+  ``moekit merge --method uncurl``.
 
 Budgets: per layer, ``n_l = round(keep * E_l)`` experts (at least 1); global, ``round(keep * sum_l E_l)``
 experts in all, each layer first gets its ``top_k`` best (1 with clamping), the rest go to the highest scores
@@ -52,7 +57,7 @@ from .calibrate import CalibrationStats, LayerCalibration
 __all__ = ["PRUNE_METHODS", "DynamicSkip", "budgets", "enable_dynamic_skipping", "expert_scores", "keep_sets",
            "masked_model", "naee_search", "naee_keep_sets", "rebuild_model", "moe_layer_map", "prune_model"]
 
-PRUNE_METHODS = ("frequency", "reap", "easy_ep", "naee")
+PRUNE_METHODS = ("frequency", "reap", "easy_ep", "naee", "dern", "uncurl")
 NAEE_MAX_COMBINATIONS = 20000
 
 
@@ -64,7 +69,9 @@ def expert_scores(s: LayerCalibration, method: str) -> torch.Tensor:
         return s.reap_E
     if method == "easy_ep":
         return s.easy_ep_sum_E.clone()
-    raise ValueError(f"unknown score method {method!r}; choose from frequency, reap, easy_ep")
+    if method == "dern":
+        return s.weight_sum_E.clone()
+    raise ValueError(f"unknown score method {method!r}; choose from frequency, reap, easy_ep, dern")
 
 
 def moe_layer_map(model: torch.nn.Module) -> dict[int, tuple[str, MoE]]:

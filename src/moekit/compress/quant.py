@@ -36,6 +36,15 @@ Methods:
 - :func:`mc_allocate`: MC-MoE's bit allocation (Huang et al., "Mixture Compressor for Mixture-of-Experts LLMs
   Gains More", arXiv:2410.06270): per layer choose ``b_e`` minimising ``sum_e f_e^a w_e^b q_e(b_e)`` subject to
   ``mean_e b_e <= budget`` (an integer program solved with ``scipy.optimize.milp``; ``a = 1``, ``b = 1.5``).
+- :func:`hqq`: Half-Quadratic Quantization (Badri and Shaji, "Half-Quadratic Quantization of Large Machine
+  Learning Models", mobiusml blog 2023; the ``hqq`` package, an optional extra: ``pip install 'moekit[hqq]'``),
+  the data-free baseline. The package's ``Quantizer.quantize`` (``axis=1``: groups of ``G`` consecutive input
+  columns, our grid; ``optimize=True``: its proximal solver of an l_p<1 error fits scale and zero; ``round_zero``
+  off) gives codes in ``[0, 2^b - 1]``, an inverse-free scale and a fractional zero point; the codes are repacked
+  in our layout and scale and zero stored as float16 (as the package's own ``HQQLinear`` keeps them in a
+  float16 compute dtype). Asymmetric grid with float16 zero points (``PackedTensor.zero`` float16).
+- EAQuant (:mod:`moekit.compress.eaquant`) and EBSS calibration (:mod:`moekit.compress.ebss`) have their own
+  modules.
 """
 from __future__ import annotations
 
@@ -44,7 +53,7 @@ from dataclasses import dataclass
 import torch
 
 __all__ = ["BITS", "METHODS", "PackedTensor", "bits_label", "check_bits", "collect_expert_hessians", "fit_grid",
-           "gptq", "gptq_codes", "hessian_error", "mc_allocate", "mc_costs", "mixed_output_errors", "pack",
+           "gptq", "gptq_codes", "hessian_error", "hqq", "hqq_available", "hqq_codes", "mc_allocate", "mc_costs", "mixed_output_errors", "pack",
            "pack_codes", "packed_nbytes", "quantize_codes", "quantize_matrix", "rtn", "unpack", "unpack_codes"]
 
 #: supported widths: integer bits, or "ternary" (1.6 bits stored)
@@ -169,7 +178,8 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
 @dataclass
 class PackedTensor:
     """One quantised matrix ``[rows, cols]``: ``data`` (uint8 packed codes), ``scale [rows, cols / group]``
-    (float16), ``zero`` (uint8, same shape; None for symmetric grids, whose zero is fixed)."""
+    (float16), ``zero`` (uint8, same shape; float16 for HQQ's fractional zero points; None for symmetric grids,
+    whose zero is fixed)."""
 
     data: torch.Tensor
     scale: torch.Tensor
@@ -275,6 +285,53 @@ def gptq(w: torch.Tensor, hessian: torch.Tensor, bits, group: int = 128, symmetr
     bits = check_bits(bits)
     codes, scale, zero = gptq_codes(w, hessian, bits, group, symmetric, damp)
     return _make_packed(codes, scale, zero, bits, _group_of(group, w.shape[1]), symmetric)
+
+
+HQQ_BITS = (2, 3, 4, 8)
+
+
+def hqq_missing_message() -> str:
+    return "--method hqq needs the optional hqq package: pip install 'moekit[hqq]' (or pip install hqq)"
+
+
+def hqq_available() -> bool:
+    try:
+        from hqq.core.quantize import Quantizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.no_grad()
+def hqq(w: torch.Tensor, bits, group: int = 128) -> PackedTensor:
+    """HQQ (see the module docstring) of ``w [R, C]`` through the ``hqq`` package, packed in our layout with
+    float16 scale and zero point. ``ValueError`` when the package is missing or ``bits`` is ternary."""
+    try:
+        from hqq.core.quantize import Quantizer
+    except ImportError as exc:
+        raise ValueError(hqq_missing_message()) from exc
+    bits = check_bits(bits)
+    if bits not in HQQ_BITS:
+        raise ValueError(f"hqq quantises to {', '.join(map(str, HQQ_BITS))} bits, got {bits!r}")
+    rows, cols = w.shape
+    g = _group_of(group, cols)
+    w_q, meta = Quantizer.quantize(w.detach().to(torch.float32).contiguous(), nbits=bits, channel_wise=True,
+                                   group_size=g, optimize=True, round_zero=False, axis=1, bitpack=True,
+                                   compute_dtype=torch.float32, device=str(w.device))
+    u = hqq_codes(w_q, meta)
+    scale = meta["scale"].reshape(rows, cols // g)
+    zero = meta["zero"].reshape(rows, cols // g)
+    return PackedTensor(pack_codes(u.to(torch.int32), bits), scale.to(torch.float16), zero.to(torch.float16),
+                        (rows, cols), bits, g, False)
+
+
+def hqq_codes(w_q: torch.Tensor, meta: dict) -> torch.Tensor:
+    """The integer codes ``[R, C]`` of an ``hqq`` ``(W_q, meta)`` pair (``axis=1``), unpacked by the package."""
+    from hqq.core.quantize import Quantizer
+
+    rows, cols = meta["shape"]
+    u = Quantizer.unpack[meta["packing"]](w_q, dtype=torch.float32) if meta["packing"] else w_q.float()
+    return u.reshape(-1)[: rows * cols].reshape(rows, cols)
 
 
 # ------------------------------------------------------------------------------------------------ calibration
@@ -408,16 +465,18 @@ def hessian_error(w: torch.Tensor, w_q: torch.Tensor, hessian: torch.Tensor) -> 
 
 
 # ------------------------------------------------------------------------------------------------ experts
-METHODS = ("rtn", "gptq", "agq", "ternary")
+METHODS = ("rtn", "gptq", "agq", "ternary", "hqq", "eaquant")
 
 
 def quantize_matrix(w: torch.Tensor, method: str, bits, group: int, symmetric: bool,
                     hessian: torch.Tensor | None = None) -> PackedTensor:
     """One expert matrix by ``method``: ``rtn`` / ``ternary`` round to nearest; ``gptq`` / ``agq`` run GPTQ on
     ``hessian`` (plain or routing-weighted: the caller chooses), falling back to RTN without one."""
+    if method == "hqq":
+        return hqq(w, bits, group)
     if method in ("rtn", "ternary") or hessian is None:
         return rtn(w, bits, group, symmetric)
-    if method not in ("gptq", "agq"):
+    if method not in ("gptq", "agq", "eaquant"):
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     return gptq(w, hessian, bits, group, symmetric)
 

@@ -4,6 +4,7 @@ from .base import Experts, GroupedExperts, get, names, register
 from .dense import DenseExperts
 from .quantized import QuantizedExperts
 from .shared import SharedExpert
+from .ternary import TernaryExperts
 
 __all__ = ["ACTIVATIONS", "Activation", "DenseExperts", "Experts", "GroupedExperts", "QuantizedExperts",
-           "SharedExpert", "get", "get_activation", "names", "register"]
+           "SharedExpert", "TernaryExperts", "get", "get_activation", "names", "register"]

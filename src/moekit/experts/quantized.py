@@ -8,14 +8,19 @@ expert as :class:`moekit.experts.DenseExperts` (``gate_up_proj [H, D]`` / ``up_p
 quantised with :mod:`moekit.compress.quant` (packing, grids and methods are described there). Options:
 ``bits`` (2, 3, 4, 8 or ``"ternary"``), ``group`` (group size along the input dimension; a matrix narrower than
 it uses its width; must divide the widths), ``symmetric`` (default True), ``expert_bits`` (optional list of E
-widths: mixed precision, overrides ``bits`` per expert), ``method`` (recorded only: how the codes were found).
+widths: mixed precision, overrides ``bits`` per expert), ``method`` (recorded only: how the codes were found),
+``zero_dtype`` (``"uint8"``, the default, or ``"float16"``: HQQ's fractional zero points; asymmetric only),
+``act_bits`` (None, or 2..8: simulated activation quantisation, the inputs of both expert matrices fake-quantised
+per token, :func:`moekit.compress.eaquant.fake_quant_act`), ``smooth`` (True: a buffer ``smooth [D]`` shared by
+the layer's experts, EAQuant; the stored up matrices are ``W_up s`` and the experts compute
+``Q_a(x / s) @ (W_up s)^T``, equal to ``x @ W_up^T`` before quantisation).
 
 State dict (buffers, no parameters; ``P`` is ``gate_up_proj``, ``up_proj`` or ``down_proj``):
 
 - ``P_packed``: uint8. ``[E, N]`` with ``N`` the packed bytes of one expert's matrix when every expert has the
   same width; ``[sum_e N_e]`` (experts one after another, in order) with mixed widths;
 - ``P_scales``: float16 ``[E, rows, cols / G]``;
-- ``P_zeros``: uint8 ``[E, rows, cols / G]``, asymmetric grids only.
+- ``P_zeros``: uint8 (float16 with ``zero_dtype="float16"``) ``[E, rows, cols / G]``, asymmetric grids only.
 
 The products of :class:`moekit.dispatch.fused.ExpertProducts` are overridden: for every expert that has rows,
 its matrix is dequantised into a scratch tensor and multiplied (experts without rows cost nothing). On the CPU
@@ -46,7 +51,8 @@ class QuantizedExperts(GroupedExperts):
 
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
                  init_std: float = 0.02, *, bits=4, group: int = 128, symmetric: bool = True,
-                 expert_bits: list | None = None, method: str = "rtn", kernel: str = "auto"):
+                 expert_bits: list | None = None, method: str = "rtn", kernel: str = "auto",
+                 zero_dtype: str = "uint8", act_bits: int | None = None, smooth: bool = False):
         super().__init__()
         self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
         self.act = get_activation(activation)
@@ -69,6 +75,16 @@ class QuantizedExperts(GroupedExperts):
             raise ValueError(f"experts_options.kernel must be 'auto' or 'dequant', got {kernel!r}")
         self.kernel = kernel
         self.method = method
+        if zero_dtype not in ("uint8", "float16"):
+            raise ValueError(f"experts_options.zero_dtype must be 'uint8' or 'float16', got {zero_dtype!r}")
+        self.zero_dtype = getattr(torch, zero_dtype)
+        if act_bits is not None and (isinstance(act_bits, bool) or not isinstance(act_bits, int)
+                                     or not 2 <= act_bits <= 8):
+            raise ValueError(f"experts_options.act_bits must be None or an integer in 2..8, got {act_bits!r}")
+        self.act_bits = act_bits
+        self.smooth_enabled = bool(smooth)
+        if self.smooth_enabled:
+            self.register_buffer("smooth", torch.ones(dim, dtype=torch.float32))
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         self.up_name = "gate_up_proj" if self.gated else "up_proj"
         self._shapes = {self.up_name: (up_rows, dim), "down_proj": (dim, hidden_dim)}
@@ -78,7 +94,8 @@ class QuantizedExperts(GroupedExperts):
             self.register_buffer(f"{name}_packed", self._empty_packed(rows * cols))
             self.register_buffer(f"{name}_scales", torch.ones(num_experts, rows, cols // g, dtype=torch.float16))
             if not self.symmetric:
-                self.register_buffer(f"{name}_zeros", torch.zeros(num_experts, rows, cols // g, dtype=torch.uint8))
+                self.register_buffer(f"{name}_zeros", torch.zeros(num_experts, rows, cols // g,
+                                                                  dtype=self.zero_dtype))
         self._int8_cache: dict = {}
 
     # ------------------------------------------------------------------------------------ layout
@@ -112,7 +129,7 @@ class QuantizedExperts(GroupedExperts):
     def set_packed(self, name: str, e: int, p: Q.PackedTensor) -> None:
         """Store ``p`` as expert ``e``'s matrix ``name`` (its width, group and grid must match the options)."""
         if p.shape != self._shapes[name] or p.bits != self.expert_bits[e] or p.group != self._groups[name] \
-                or p.symmetric != self.symmetric:
+                or p.symmetric != self.symmetric or (p.zero is not None and p.zero.dtype != self.zero_dtype):
             raise ValueError(f"set_packed({name}, {e}): {p.shape} {p.bits} bits group {p.group} does not match "
                              f"{self._shapes[name]} {self.expert_bits[e]} bits group {self._groups[name]}")
         off = self._offsets(name)
@@ -140,7 +157,7 @@ class QuantizedExperts(GroupedExperts):
 
     def expert_nbytes(self) -> int:
         """Bytes of the expert weights as stored (packed codes, scales, zero points)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        return sum(b.numel() * b.element_size() for n, b in self.named_buffers(recurse=False) if n != "smooth")
 
     # ------------------------------------------------------------------------------------ products
     def fused_weights(self):
@@ -211,14 +228,24 @@ class QuantizedExperts(GroupedExperts):
             start = end
         return out_SY
 
+    def _act_input(self, x: torch.Tensor, smooth: bool) -> torch.Tensor:
+        if smooth and self.smooth_enabled:
+            x = x / self.smooth.to(x.dtype)
+        if self.act_bits is not None:
+            from ..compress.eaquant import fake_quant_act
+
+            x = fake_quant_act(x, self.act_bits)
+        return x
+
     def up_product(self, x_SD, offsets_E):
-        return self._product(x_SD, offsets_E, self.up_name, True)
+        return self._product(self._act_input(x_SD, True), offsets_E, self.up_name, True)
 
     def down_product(self, a_SF, offsets_E):
-        return self._product(a_SF, offsets_E, "down_proj", True)
+        return self._product(self._act_input(a_SF, False), offsets_E, "down_proj", True)
 
-    def up_input_grad(self, dh_SH, offsets_E):
-        return self._product(dh_SH, offsets_E, self.up_name, False)
+    def up_input_grad(self, dh_SH, offsets_E):  # activation fake quantisation: straight through
+        dx = self._product(dh_SH, offsets_E, self.up_name, False)
+        return dx / self.smooth.to(dx.dtype) if self.smooth_enabled else dx
 
     def down_input_grad(self, dy_SD, offsets_E):
         return self._product(dy_SD, offsets_E, "down_proj", False)
@@ -230,7 +257,7 @@ class QuantizedExperts(GroupedExperts):
 
     # ------------------------------------------------------------------------------------ sharding
     def expert_parameter_names(self) -> list[str]:
-        names = [n for n, _ in self.named_buffers(recurse=False)]
+        names = [n for n, _ in self.named_buffers(recurse=False) if n != "smooth"]
         if self.mixed:  # the flat packed buffers are not one slice per expert along dimension 0
             names = [n for n in names if not n.endswith("_packed")]
         return names
@@ -259,3 +286,28 @@ class QuantizedExperts(GroupedExperts):
         bits = (f"expert_bits={self.expert_bits}" if self.mixed else f"bits={self.bits}")
         return (f"num_experts={self.num_experts}, dim={self.dim}, hidden_dim={self.hidden_dim}, "
                 f"activation={self.activation}, {bits}, group={self.group}, symmetric={self.symmetric}")
+
+
+@torch.no_grad()
+def quantized_layer(moe, bits=4, group: int = 128, symmetric: bool = True, method: str = "rtn"):
+    """A copy of the :class:`moekit.MoE` layer ``moe`` (dense experts) whose experts are packed by RTN to
+    ``bits`` (the same router, shared experts and options): what ``moekit bench --decode --impls moekit-q4``
+    times beside the float layer."""
+    import dataclasses
+
+    from ..layer import MoE
+
+    cfg = dataclasses.replace(moe.config, experts="quantized",
+                              experts_options={"bits": bits, "group": group, "symmetric": symmetric,
+                                               "method": method})
+    with torch.device("meta"):
+        q = MoE(cfg)
+    q = q.to_empty(device="cpu")
+    state = {k: v for k, v in moe.state_dict().items() if not k.startswith("experts.")}
+    q.load_state_dict(state, strict=False)
+    ex, src = q.experts, moe.experts
+    w_up, w_down = src.w_up.detach().float().cpu(), src.w_down.detach().float().cpu()
+    for e in range(ex.num_experts):
+        ex.set_packed(ex.up_name, e, Q.rtn(w_up[e], bits, group, symmetric))
+        ex.set_packed("down_proj", e, Q.rtn(w_down[e], bits, group, symmetric))
+    return q.eval()

@@ -220,9 +220,12 @@ def _prompt_lists(prompts) -> list[list[int]]:
 @torch.no_grad()
 def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: float, top_p: float, seed: int,
          use_cache: bool, eos_id: int | None, stops: list[tuple[str, bytes]],
-         stream: Callable[[int, str], None] | None, threads: int | None = None) -> list[Generation]:
+         stream: Callable[[int, str], None] | None, threads: int | None = None,
+         refresh: Callable | None = None) -> list[Generation]:
     """The decoding loop shared by :func:`generate_batch` and :func:`generate` (arguments already checked).
-    Every model call runs under :class:`moekit.threads.ThreadPolicy` (``threads`` None: the ``auto`` policy)."""
+    Every model call runs under :class:`moekit.threads.ThreadPolicy` (``threads`` None: the ``auto`` policy).
+    ``refresh(ids, cache)`` (one prompt only; test-time rewiring, :mod:`moekit.adapt.online`) is called before
+    each decoding step with the text so far and may change the model and rewrite ``cache`` in place."""
     from ..threads import ThreadPolicy
 
     policy = ThreadPolicy(threads)
@@ -275,6 +278,8 @@ def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: floa
                         mask_BJ = None  # no padding left: plain causal attention
             if mask_BJ is not None:
                 mask_BJ = torch.cat((mask_BJ, mask_BJ.new_ones(len(active), 1)), dim=1)
+            if refresh is not None:  # test-time rewiring (moekit.adapt.online): may adapt and rewrite the cache
+                refresh(seqs[active[0]].prompt + seqs[active[0]].new_ids, cache)
             if cache is not None:
                 logits_BV = model(token_B[:, None], kv_cache=cache, start_pos=pos, attention_mask=mask_BJ)[:, -1]
                 pos += 1
@@ -288,7 +293,8 @@ def _run(model, prompts: list[list[int]], max_new_tokens: int, temperature: floa
 
 def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: float = 0.0, top_p: float = 1.0,
                    seed: int = 0, use_cache: bool = True, eos_id: int | None = EOS_ID, stop: Sequence[str] = (),
-                   stream: Callable[[int, str], None] | None = None, threads: int | None = None) -> list[Generation]:
+                   stream: Callable[[int, str], None] | None = None, threads: int | None = None,
+                   refresh: Callable | None = None) -> list[Generation]:
     """Continue every prompt of ``prompts`` by up to ``max_new_tokens`` tokens, as one padded batch.
 
     ``prompts``: strings (each becomes BOS followed by its UTF-8 bytes, as ``moekit generate`` does) or token
@@ -299,7 +305,8 @@ def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: fl
     the whole sequence again (same greedy tokens). ``stream(index, piece)`` is called with each new piece of
     text as soon as it is safe to show (whole UTF-8 characters, never the start of a stop string); the pieces
     of a prompt concatenate to its ``text``. ``threads``: intra-op threads of every model call, None for the
-    ``auto`` policy of :mod:`moekit.threads` (one thread for calls of at most 8 token rows).
+    ``auto`` policy of :mod:`moekit.threads` (one thread for calls of at most 8 token rows). ``refresh``: see
+    ``_run`` (one prompt; :func:`moekit.adapt.generate_rewired` passes it).
 
     Returns one :class:`Generation` per prompt, in order. ``ValueError`` for bad arguments, including a prompt
     whose length plus ``max_new_tokens`` exceeds the model's ``max_seq_len``. The model runs in eval mode and
@@ -328,7 +335,10 @@ def generate_batch(model, prompts, max_new_tokens: int = 200, *, temperature: fl
         from ..threads import parse_threads
 
         threads = parse_threads(threads)
-    return _run(model, ids, max_new_tokens, temperature, top_p, seed, use_cache, eos_id, stops, stream, threads)
+    if refresh is not None and len(ids) != 1:
+        raise ValueError("refresh (test-time rewiring) works on one prompt at a time")
+    return _run(model, ids, max_new_tokens, temperature, top_p, seed, use_cache, eos_id, stops, stream, threads,
+                refresh)
 
 
 def generate(model, prompt_ids: Sequence[int] | torch.Tensor, max_new_tokens: int, temperature: float = 0.0,

@@ -1,25 +1,12 @@
 """Expert-cache simulation on routing traces: which experts would be resident, hit or loaded if a model
 whose experts do not fit in fast memory decoded the trace's tokens one by one (decode order = token order).
 
-Every MoE layer has its own cache of ``slots[l]`` experts. At token ``t`` and layer ``l`` an optional
-prefetcher first loads its predicted set for ``(t, l)`` (made from layer ``l - 1`` of the same token, so it
-has one layer of lead time); then every expert the token needs at ``l`` must be resident at once: the ones
-already there are hits, the others are misses and are loaded, evicting by the policy (never an expert needed
-by the same step). Statistics are counted on the tokens after a warm-up prefix (``warmup``, default 20%), which
-also serves as the fitting data of the learned prefetcher, so the figures are out of sample.
-
-Policies (eviction and slot allocation):
-
-* ``lru``: evict the least recently used (or loaded) expert.
-* ``lfu``: evict the lowest exponentially decayed use count (``decay`` per token of the layer; ties: least
-  recently used). Counts are kept for every expert, resident or not.
-* ``belady``: offline optimum (Belady, "A study of replacement algorithms for a virtual-storage computer",
-  IBM Systems Journal 1966): evict the resident expert whose next use is farthest in the future. With several
-  experts needed per step, none of them may be evicted; the rule stays optimal for the number of misses
-  (checked against a brute-force search in the tests). The upper bound of demand-loading hit rates.
-* ``shallow``: LRU eviction with Fate's shallow-favouring allocation ("Fate: Fast Edge Inference of
-  Mixture-of-Experts Models via Cross-Layer Gate", arXiv 2502.12224): the same total number of slots, spread
-  with weights falling linearly from 2 (first layer) to 1 (last layer), each layer keeping at least its top-k.
+Every MoE layer has its own cache of ``slots[l]`` experts (:mod:`moekit.serve.policies`: eviction policies
+and the allocation of slots across layers). At token ``t`` and layer ``l`` an optional prefetcher first loads
+its predicted set for ``(t, l)``, made ``lead`` layers earlier; then every expert the token needs at ``l``
+must be resident at once. Statistics are counted on the tokens after a warm-up prefix (``warmup``, default
+20%), which is also the fitting data of the predictors and of the ``adaptive`` allocation, so the figures are
+out of sample.
 
 Prefetchers:
 
@@ -32,57 +19,45 @@ Prefetchers:
 * ``transition`` (EdgeMoE, "EdgeMoE: Fast On-Device Inference of MoE-based Large Language Models",
   arXiv 2308.14352: preloading from layer-to-layer statistics): the same table, but updated online with every
   token once it has been decoded.
+* ``trace_match`` (MoE-Infinity, "MoE-Infinity: Offloading-Efficient MoE Model Serving", arXiv 2401.14361):
+  per-request expert activation matrices (EAM, ``[I, E]`` counts). The requests of the warm-up part (the
+  trace's sequences; windows of ``request_tokens`` tokens when it has none) are stored, rows normalised. For
+  token ``t`` at layer ``l`` the query is the current request's matrix so far (its earlier tokens, rows
+  normalised) plus the current token's one-hot rows of layers ``< l``; the stored matrix with the highest
+  cosine similarity (over all rows) names layer ``l``'s top-k (its row ``l``). Lead 1 layer.
+* ``path`` (ExpertFlow, "ExpertFlow: Optimized Expert Activation and Token Allocation for Efficient
+  Mixture-of-Experts Inference", arXiv 2410.17954): every layer's experts predicted before the rest of the pass
+  from the first layer's routing, with tables ``P(j at l | i at 0)`` fitted on the warm-up tokens; all
+  predictions are issued after layer 0, so layer ``l``'s prefetch has a lead of ``l`` layers.
+
+Reported per layer and in total: precision (predicted experts that the token used), recall (used experts that
+were predicted) and lead time (layers between the prediction and the use, over correctly predicted experts).
 
 Layer 0 has no previous layer and is never prefetched. Hit rate counts an expert a prefetch brought in as a
-hit (its load overlapped the previous layer's compute); ``bytes_moved`` counts every load, demand or prefetch.
+hit (its load is assumed to finish in time); ``bytes_moved`` counts every load, demand or prefetch. With one
+cache per layer no other access of layer ``l`` falls between a prediction's issue and its use, so the lead
+changes no hit; it sets the window the load can hide in under the cost model (:mod:`moekit.serve.cost`).
 
 Legend (docs/architecture.md): I layers, T tokens, K experts per token, E experts.
 """
 from __future__ import annotations
 
-import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..trace.format import Trace
+from .policies import POLICIES, LayerStats, allocate_dp, lru_hit_curve, run_cache, run_shared, shallow_slots
 
-__all__ = ["POLICIES", "PREFETCHERS", "LayerStats", "SimResult", "layer_slots", "simulate", "expert_bytes"]
+__all__ = ["POLICIES", "PREFETCHERS", "POOLS", "LayerStats", "SimResult", "layer_slots", "simulate",
+           "expert_bytes", "predictions", "requests_of"]
 
-POLICIES = ("lru", "lfu", "belady", "shallow")
-PREFETCHERS = ("none", "cross_layer", "transition")
+PREFETCHERS = ("none", "cross_layer", "transition", "trace_match", "path")
+POOLS = ("layer", "shared")  # one cache per layer, or one pool for all layers (policies.run_shared)
 
 
-@dataclass
-class LayerStats:
-    """Counts of one layer over the measured tokens."""
-
-    slots: int
-    hits: int = 0
-    misses: int = 0
-    predicted: int = 0        # experts the prefetcher named (after truncation to the slots)
-    predicted_used: int = 0   # of those, needed by the token
-    prefetch_loads: int = 0   # experts the prefetcher actually loaded (not already resident)
-
-    @property
-    def accesses(self) -> int:
-        return self.hits + self.misses
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / self.accesses if self.accesses else float("nan")
-
-    @property
-    def precision(self) -> float:
-        return self.predicted_used / self.predicted if self.predicted else float("nan")
-
-    @property
-    def recall(self) -> float:
-        return self.predicted_used / self.accesses if self.predicted and self.accesses else float("nan")
-
-    @property
-    def loads(self) -> int:
-        return self.misses + self.prefetch_loads
+def _num(x):
+    return None if isinstance(x, float) and x != x else x
 
 
 @dataclass
@@ -96,6 +71,7 @@ class SimResult:
     measured_tokens: int
     bytes_per_expert: int | None = None
     options: dict = field(default_factory=dict)
+    cost: dict | None = None
 
     def _sum(self, name: str) -> int:
         return sum(getattr(s, name) for s in self.layers)
@@ -132,19 +108,25 @@ class SimResult:
         n = sum(s.accesses for s in self.layers if s.predicted)
         return used / n if p and n else float("nan")
 
-    def to_dict(self) -> dict:
-        def num(x):
-            return None if isinstance(x, float) and x != x else x
+    @property
+    def lead_time(self) -> float:
+        used = self._sum("predicted_used")
+        return self._sum("lead_sum") / used if used else float("nan")
 
-        return {
+    def to_dict(self) -> dict:
+        out = {
             "policy": self.policy, "prefetch": self.prefetch, "budget": self.budget,
             "measured_tokens": self.measured_tokens, "hits": self.hits, "misses": self.misses,
-            "hit_rate": num(self.hit_rate), "precision": num(self.precision), "recall": num(self.recall),
-            "loads": self.loads, "bytes_moved": self.bytes_moved, "options": self.options,
-            "layers": [{"slots": s.slots, "hits": s.hits, "misses": s.misses, "hit_rate": num(s.hit_rate),
-                        "precision": num(s.precision), "recall": num(s.recall), "prefetch_loads": s.prefetch_loads,
-                        "loads": s.loads} for s in self.layers],
+            "hit_rate": _num(self.hit_rate), "precision": _num(self.precision), "recall": _num(self.recall),
+            "lead_time": _num(self.lead_time), "loads": self.loads, "bytes_moved": self.bytes_moved,
+            "options": self.options,
+            "layers": [{"slots": s.slots, "hits": s.hits, "misses": s.misses, "hit_rate": _num(s.hit_rate),
+                        "precision": _num(s.precision), "recall": _num(s.recall), "lead_time": _num(s.lead_time),
+                        "prefetch_loads": s.prefetch_loads, "loads": s.loads} for s in self.layers],
         }
+        if self.cost is not None:
+            out["cost"] = self.cost
+        return out
 
 
 def expert_bytes(trace: Trace, bytes_per_param: int = 2) -> int | None:
@@ -161,33 +143,36 @@ def _layer_top_k(experts_ITK: np.ndarray) -> list[int]:
             for l in range(experts_ITK.shape[0])]
 
 
-def layer_slots(trace: Trace, budget: float, policy: str = "lru") -> list[int]:
-    """Cache slots of each layer: ``round(budget * E_l)``; ``shallow`` moves slots towards early layers keeping
-    the total. ``ValueError`` when the budget is outside (0, 1] or leaves a layer fewer slots than its top-k."""
+def _needed(experts_ITK: np.ndarray) -> list[list[np.ndarray]]:
+    return [[row[row >= 0] for row in experts_ITK[l]] for l in range(experts_ITK.shape[0])]
+
+
+def layer_slots(trace: Trace, budget: float, policy: str = "lru", *, warmup: float = 0.2) -> list[int]:
+    """Cache slots of each layer: ``round(budget * E_l)``; ``shallow`` and ``adaptive`` move slots between
+    layers keeping the total (``adaptive`` from LRU hit curves of the first ``warmup`` of the tokens, all tokens
+    when that is none). ``ValueError`` when the budget is outside (0, 1] or leaves a layer fewer slots than its
+    top-k."""
     if not 0.0 < budget <= 1.0:
         raise ValueError(f"budget must be a fraction of experts in (0, 1], got {budget}")
-    tops = _layer_top_k(trace.experts.numpy())
-    slots = [int(round(budget * e)) for e in trace.num_experts_per_layer]
+    experts_ITK = trace.experts.numpy().astype(np.int64)
+    tops = _layer_top_k(experts_ITK)
+    caps = list(trace.num_experts_per_layer)
+    slots = [int(round(budget * e)) for e in caps]
     for l, (s, k) in enumerate(zip(slots, tops)):
         if s < k:
             raise ValueError(f"budget {budget} gives layer {l} {s} expert slots, fewer than its top-k of {k}")
-    if policy != "shallow":
-        return slots
-    I, total = len(slots), sum(slots)
-    weight = np.array([2.0 - l / (I - 1) if I > 1 else 1.0 for l in range(I)])
-    target = total * weight / weight.sum()
-    alloc = list(tops)
-    caps = list(trace.num_experts_per_layer)
-    for _ in range(total - sum(alloc)):  # one slot at a time to the layer furthest below its target
-        open_ = [l for l in range(I) if alloc[l] < caps[l]]
-        l = max(open_, key=lambda j: (target[j] - alloc[j], -j))
-        alloc[l] += 1
-    return alloc
+    if policy == "shallow":
+        return shallow_slots(slots, tops, caps)
+    if policy == "adaptive":
+        start = int(warmup * trace.num_tokens) or trace.num_tokens
+        curves = [lru_hit_curve(need[:start], caps[l]) for l, need in enumerate(_needed(experts_ITK))]
+        return allocate_dp(curves, sum(slots), tops, caps)
+    return slots
 
 
 # ------------------------------------------------------------------------------------------------ prediction
 class _Table:
-    """Transition counts ``N[i, j]`` from layer l to l+1; predicts the top-n successors of a set."""
+    """Transition counts ``N[i, j]`` from one layer to another; predicts the top-n successors of a set."""
 
     def __init__(self, num_experts: int):
         self.counts_EE = np.zeros((num_experts, num_experts))
@@ -207,101 +192,95 @@ class _Table:
         return order[:n]
 
 
-def _predictions(experts_ITK: np.ndarray, num_experts: int, tops: list[int], prefetch: str,
-                 fit_tokens: int) -> list[list[np.ndarray] | None]:
+def requests_of(trace: Trace, request_tokens: int = 64) -> np.ndarray:
+    """``[T]`` request id of every token: the trace's sequences, else consecutive windows of
+    ``request_tokens`` tokens."""
+    seq = trace.seq_ids.numpy().astype(np.int64)
+    if (seq >= 0).all() and len(np.unique(seq)) > 1:
+        return seq
+    return np.arange(trace.num_tokens) // max(1, request_tokens)
+
+
+def _trace_match(experts_ITK: np.ndarray, E: int, tops: list[int], fit_tokens: int, req_T: np.ndarray):
     I, T, _ = experts_ITK.shape
-    out: list = [None] * I
-    if prefetch == "none":
+    need = _needed(experts_ITK)
+    # stored matrices: one per request of the warm-up tokens
+    stored: dict[int, np.ndarray] = {}
+    for t in range(fit_tokens):
+        m = stored.setdefault(int(req_T[t]), np.zeros((I, E)))
+        for l in range(I):
+            m[l, need[l][t]] += 1.0
+    out: list = [None] + [[] for _ in range(1, I)]
+    if not stored:
+        for l in range(1, I):
+            out[l] = [np.arange(tops[l]) for _ in range(T)]
         return out
-    for l in range(1, I):
-        table = _Table(num_experts)
-        prev_T = [row[row >= 0] for row in experts_ITK[l - 1]]
-        next_T = [row[row >= 0] for row in experts_ITK[l]]
-        for t in range(fit_tokens):
-            table.add(prev_T[t], next_T[t])
-        preds = []
-        for t in range(T):
-            if prefetch == "transition" and t >= fit_tokens:
-                preds.append(table.predict(prev_T[t], tops[l]))
-                table.add(prev_T[t], next_T[t])  # learned once this token is decoded
-            else:
-                preds.append(table.predict(prev_T[t], tops[l]))
-        out[l] = preds
+    M = np.stack(list(stored.values()))                        # [R, I, E]
+    M = M / np.maximum(np.linalg.norm(M, axis=-1, keepdims=True), 1e-12)
+    history = np.zeros((I, E))
+    current_req = None
+    for t in range(T):
+        r = int(req_T[t])
+        if r != current_req:
+            history[:] = 0.0
+            current_req = r
+        hist_n = history / np.maximum(np.linalg.norm(history, axis=-1, keepdims=True), 1e-12)
+        query = hist_n.copy()
+        for l in range(1, I):
+            query[l - 1, need[l - 1][t]] += 1.0
+            sim = np.einsum("rle,le->r", M, query)  # the query's norm does not change the best match
+            best = int(np.argmax(sim))
+            row = M[best, l]
+            out[l].append(np.lexsort((np.arange(E), -row))[:tops[l]])
+        for l in range(I):
+            history[l, need[l][t]] += 1.0
     return out
 
 
-# ------------------------------------------------------------------------------------------------ one cache
-def _run_cache(needed_T: list[np.ndarray], predicted_T: list[np.ndarray] | None, slots: int, policy: str,
-               start: int, decay: float) -> LayerStats:
-    stats = LayerStats(slots=slots)
-    resident: set[int] = set()
-    last: dict[int, int] = {}
-    clock = 0
-    freq: dict[int, tuple[float, int]] = {}  # expert -> (decayed count, token of the count)
-    uses: dict[int, list[int]] = {}
-    if policy == "belady":
-        for t, row in enumerate(needed_T):
-            for e in row.tolist():
-                uses.setdefault(e, []).append(t)
-
-    def score(e: int, t: int):
-        if policy == "belady":
-            u = uses.get(e, [])
-            i = bisect.bisect_left(u, t)
-            return -(u[i] if i < len(u) else len(needed_T) + 1)  # farthest next use = lowest score
-        if policy == "lfu":
-            c, at = freq.get(e, (0.0, t))
-            return (c * decay ** (t - at), last.get(e, -1))
-        return last.get(e, -1)
-
-    def make_room(t: int, protected: set[int]) -> None:
-        victims = [e for e in resident if e not in protected]
-        resident.discard(min(victims, key=lambda e: score(e, t)))
-
-    for t, need in enumerate(needed_T):
-        measured = t >= start
-        need_set = set(need.tolist())
-        if predicted_T is not None:
-            pred = predicted_T[t][:slots].tolist()
-            pred_set = set(pred)
-            for e in pred:
-                if e in resident:
-                    continue
-                if len(resident) >= slots:
-                    make_room(t, pred_set)
-                resident.add(e)
-                clock += 1
-                last[e] = clock
-                if measured:
-                    stats.prefetch_loads += 1
-            if measured:
-                stats.predicted += len(pred_set)
-                stats.predicted_used += len(pred_set & need_set)
-        for e in need.tolist():
-            if e in resident:
-                stats.hits += measured
-            else:
-                stats.misses += measured
-                if len(resident) >= slots:
-                    make_room(t, need_set)
-                resident.add(e)
-        for e in need.tolist():
-            clock += 1
-            last[e] = clock
-            if policy == "lfu":
-                c, at = freq.get(e, (0.0, t))
-                freq[e] = (c * decay ** (t - at) + 1.0, t)
-    return stats
+def predictions(experts_ITK: np.ndarray, num_experts: int, tops: list[int], prefetch: str, fit_tokens: int,
+                req_T: np.ndarray | None = None) -> tuple[list[list[np.ndarray] | None], list[int]]:
+    """Predicted experts of every (layer, token) by ``prefetch`` and each layer's lead in layers."""
+    I, T, _ = experts_ITK.shape
+    out: list = [None] * I
+    leads = [0] * I
+    if prefetch == "none" or I < 2:
+        return out, leads
+    need = _needed(experts_ITK)
+    if prefetch == "trace_match":
+        out = _trace_match(experts_ITK, num_experts, tops, fit_tokens,
+                           req_T if req_T is not None else np.zeros(T, dtype=np.int64))
+        return out, [0] + [1] * (I - 1)
+    for l in range(1, I):
+        src = 0 if prefetch == "path" else l - 1
+        leads[l] = l - src
+        table = _Table(num_experts)
+        for t in range(fit_tokens):
+            table.add(need[src][t], need[l][t])
+        preds = []
+        for t in range(T):
+            preds.append(table.predict(need[src][t], tops[l]))
+            if prefetch == "transition" and t >= fit_tokens:
+                table.add(need[src][t], need[l][t])  # learned once this token is decoded
+        out[l] = preds
+    return out, leads
 
 
+# ------------------------------------------------------------------------------------------------ simulate
 def simulate(trace: Trace, budget: float = 0.25, policy: str = "lru", prefetch: str = "none", *,
-             warmup: float = 0.2, decay: float = 0.95, bytes_per_expert: int | None = None) -> SimResult:
+             warmup: float = 0.2, decay: float = 0.95, bytes_per_expert: int | None = None, pin_tokens: int = 2,
+             request_tokens: int = 64, cost_model=None, pool: str = "layer", _cache: dict | None = None) -> SimResult:
     """Simulate per-layer expert caches holding ``budget`` of each layer's experts while decoding ``trace``.
 
     ``policy`` in :data:`POLICIES`, ``prefetch`` in :data:`PREFETCHERS`; ``warmup`` the fraction of tokens
-    (at the start) that warm the caches and fit the prefetch table and are not counted; ``decay`` the LFU decay
-    per token; ``bytes_per_expert`` (default from the trace's model record, see :func:`expert_bytes`) turns
-    loads into ``bytes_moved``.
+    (at the start) that warm the caches and fit the predictors and the adaptive allocation and are not counted;
+    ``decay`` the LFU decay per token; ``pin_tokens`` how long ``lru_pinned`` keeps a prefetched expert pinned
+    at most; ``request_tokens`` the request length ``trace_match`` assumes when the trace has no sequences;
+    ``bytes_per_expert`` (default from the trace's model record, see :func:`expert_bytes`) turns loads into
+    ``bytes_moved``; ``cost_model`` (a :class:`moekit.serve.cost.CostModel`) adds the simulated decode time
+    (``result.cost``), with Fiddler's host compute of misses when it is cheaper than moving the expert.
+    ``pool="shared"`` replaces the per-layer caches by one pool of the same total slots for all layers
+    (:func:`moekit.serve.policies.run_shared`; not with ``shallow`` / ``adaptive``, which allocate per layer).
+    ``_cache`` (a dict) lets repeated calls on one trace share the predictions.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -311,15 +290,56 @@ def simulate(trace: Trace, budget: float = 0.25, policy: str = "lru", prefetch: 
         raise ValueError(f"warmup must be a fraction in [0, 1), got {warmup}")
     if not 0.0 < decay <= 1.0:
         raise ValueError(f"decay must be in (0, 1], got {decay}")
-    slots = layer_slots(trace, budget, policy)
-    experts_ITK = trace.experts.numpy().astype(np.int64)
+    if pin_tokens < 1:
+        raise ValueError(f"pin_tokens must be >= 1, got {pin_tokens}")
+    if pool not in POOLS:
+        raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+    if pool == "shared" and policy in ("shallow", "adaptive"):
+        raise ValueError(f"policy {policy} allocates slots per layer; a shared pool has one (use pool='layer')")
+    cache = _cache if _cache is not None else {}
+    slots = layer_slots(trace, budget, policy, warmup=warmup)
+    experts_ITK = cache.get("experts")
+    if experts_ITK is None:
+        experts_ITK = cache["experts"] = trace.experts.numpy().astype(np.int64)
     I, T, _ = experts_ITK.shape
     start = int(warmup * T)
     tops = _layer_top_k(experts_ITK)
-    predictions = _predictions(experts_ITK, trace.num_experts, tops, prefetch, start)
-    evict = "lru" if policy == "shallow" else policy
-    layers = [_run_cache([row[row >= 0] for row in experts_ITK[l]], predictions[l], slots[l], evict, start, decay)
-              for l in range(I)]
-    return SimResult(policy=policy, prefetch=prefetch, budget=budget, layers=layers, measured_tokens=T - start,
-                     bytes_per_expert=bytes_per_expert if bytes_per_expert is not None else expert_bytes(trace),
-                     options={"warmup": warmup, "decay": decay})
+    key = ("pred", prefetch, start, request_tokens)
+    if key not in cache:
+        cache[key] = predictions(experts_ITK, trace.num_experts, tops, prefetch, start,
+                                 requests_of(trace, request_tokens))
+    preds, leads = cache[key]
+    if "needed" not in cache:
+        cache["needed"] = _needed(experts_ITK)
+    bpe = bytes_per_expert if bytes_per_expert is not None else expert_bytes(trace)
+    admit = [True] * I
+    if cost_model is not None:
+        admit = [not cost_model.host_wins(trace, bpe) for _ in range(I)]
+    initial: list = [None] * I
+    counts_IE = None
+    if not all(admit):  # Fiddler: the most popular experts of the warm-up stay resident, misses run on the host
+        fit = start or T
+        counts_IE = np.stack([np.bincount(np.concatenate(cache["needed"][l][:fit]), minlength=trace.num_experts)
+                              for l in range(I)])
+        for l in range(I):
+            initial[l] = np.lexsort((np.arange(trace.num_experts), -counts_IE[l]))[:slots[l]].tolist()
+    if pool == "shared":
+        shared_initial = None
+        if counts_IE is not None:
+            flat = np.lexsort((np.arange(counts_IE.size), -counts_IE.ravel()))[:sum(slots)]
+            shared_initial = [(int(i) // trace.num_experts, int(i) % trace.num_experts) for i in flat]
+        layers = run_shared(cache["needed"], preds, leads, sum(slots), policy, start, decay=decay,
+                            pin_tokens=pin_tokens, experts_per_layer=trace.num_experts_per_layer,
+                            admit_misses=admit[0], initial=shared_initial)
+    else:
+        layers = [run_cache(cache["needed"][l], preds[l], slots[l], policy, start, decay=decay, lead=leads[l],
+                            pin_tokens=pin_tokens, admit_misses=admit[l],
+                            num_experts=trace.num_experts_per_layer[l], initial=initial[l])
+                  for l in range(I)]
+    result = SimResult(policy=policy, prefetch=prefetch, budget=budget, layers=layers, measured_tokens=T - start,
+                       bytes_per_expert=bpe,
+                       options={"warmup": warmup, "decay": decay, "pin_tokens": pin_tokens,
+                                "request_tokens": request_tokens, "pool": pool})
+    if cost_model is not None:
+        result.cost = cost_model.decode_time(result, trace, bpe)
+    return result

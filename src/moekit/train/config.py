@@ -215,6 +215,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     e.g. ``norm_topk=True`` as Qwen3-MoE) and of :class:`TrainConfig`.
     """
     groups = {name: parser.add_argument_group(f"{name} settings") for name in ("model", "moe", "train")}
+    groups["moe"].add_argument("--ternary-experts", action="store_true", default=argparse.SUPPRESS,
+                               help="MoTE: routed experts trained as ternary {-1,0,1} x absmean scale with a "
+                                    "straight-through estimator (experts='ternary'); shared experts stay float")
     defaults = {"model": default_model_config(), "moe": default_model_config().moe, "train": None}
     choices = _choices_help()
     for section, f, flag in _flag_specs():
@@ -304,6 +307,10 @@ def build_configs(args: argparse.Namespace, base: dict | None = None,
         if key.startswith("cfg__"):
             _, section, name = key.split("__", 2)
             tables[section]["init_std" if (section, name) == ("moe", "init_std") else name] = value
+    if getattr(args, "ternary_experts", False):  # MoTE (moekit.experts.ternary); --experts-options keeps its group
+        if moe.get("experts", "dense") not in ("dense", "ternary"):
+            raise ValueError(f"--ternary-experts conflicts with --experts {moe['experts']}")
+        moe["experts"] = "ternary"
     if moe:  # unknown keys are rejected by MoEConfig.from_dict
         model["moe"] = moe_settings(model, moe)
     model_cfg, train_cfg = ModelConfig.from_dict(model), TrainConfig.from_dict(train)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import balance
-from ..data import IGNORE_INDEX, PAD_ID, Corpus, DomainBits, TrainBatches, load_corpus, unigram_baseline, val_batches
+from ..data import IGNORE_INDEX, PAD_ID, Corpus, DomainBits, TrainBatches, unigram_baseline, val_batches
 from ..layer import aux_loss, end_step, moe_layers
 from ..model import MoELM, ModelConfig, param_counts
 from .checkpoint import (RUN_FORMAT, RUN_VERSION, latest_checkpoint, latest_step, load_checkpoint,
@@ -260,6 +260,14 @@ class Trainer:
             torch.set_num_threads(self.cfg.threads)
         self.cfg.check_device()
         self.model = build_model(self.model_cfg, self.cfg).train()
+        # Fine-tuning (moekit finetune, run_config["finetune"]): trainable-parameter filter and regulariser
+        # (RoMA) set up by moekit.adapt.finetune before the optimiser is made; extra_loss(model, ids, targets)
+        # is added to the router losses, its .metrics() go into each step's record.
+        self.extra_loss = None
+        if run_config.get("finetune"):
+            from ..adapt.finetune import setup_trainer
+
+            setup_trainer(self, run_config["finetune"])
         self.description = describe(self.model, self.model_cfg)
         self.sharding: ExpertSharding | None = None
         self.chunks = self.cfg.overlap_chunks or 1
@@ -350,7 +358,8 @@ class Trainer:
                                 "weights non-finite")
         self.step += 1
         return {"step": self.step, "loss": ce_value, "aux_loss": aux_value, "bits_per_byte": ce_value / LN2,
-                "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads}
+                "lr": lr, "grad_norm": grad_norm, "max_vio": vios, "load": loads,
+                **(self.extra_loss.metrics() if self.extra_loss is not None else {})}
 
     def _weights_finite(self) -> bool:
         """Whether every floating-point parameter and buffer is finite (on every rank)."""
@@ -375,6 +384,8 @@ class Trainer:
             ce = F.cross_entropy(logits_BLV.float().reshape(-1, logits_BLV.shape[-1]), targets_BL.reshape(-1),
                                  ignore_index=IGNORE_INDEX)
             aux = aux_loss(self.model)
+            if self.extra_loss is not None:  # fine-tuning regulariser (moekit.adapt.finetune)
+                aux = aux + self.extra_loss(self.model, input_ids_BL, targets_BL)
             return ce, aux, float(ce.detach()), float(aux.detach())
         import torch.distributed as dist
 
@@ -497,10 +508,14 @@ def run_training(run_dir: Path, run_config: dict, *, resume: bool, log=print, pr
     layout = layout if layout is not None else ParallelLayout.single()
     if not layout.is_main:
         log, progress = (lambda *a, **k: None), False
-    from .config import run_data_path
+    from ..data.select import corpus_for_run
 
-    corpus = load_corpus(run_data_path(run_config))
+    corpus = corpus_for_run(run_config)  # data.path, restricted to data.include_domains / exclude_domains
     trainer = Trainer(run_dir, run_config, corpus, log=log, progress=progress, layout=layout)
+    if not resume and run_config.get("finetune"):  # a fine-tune starts from its source run's weights
+        from ..adapt.finetune import load_initial_weights
+
+        load_initial_weights(trainer, run_config["finetune"])
     if resume:
         trainer.resume()
         if layout.is_main:  # the run's settings change (--steps, --expert-parallel) only once it has resumed
