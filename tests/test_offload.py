@@ -217,7 +217,8 @@ PROMPTS = ["def f(x):", "    return"]
 
 
 @pytest.mark.parametrize("policy, prefetch", [("lru", "cross_layer"), ("least_stale", "transition"),
-                                              ("adaptive", "none"), ("shallow", "cross_layer")])
+                                              ("adaptive", "none"), ("shallow", "cross_layer"),
+                                              ("lru_pinned", "path")])
 def test_moekit_offloaded_greedy_equals_resident(run, store, policy, prefetch):
     from moekit.model import generate_batch
     from moekit.serve.offload import load_offloaded_run
@@ -246,6 +247,23 @@ def test_cross_layer_prediction_is_next_router_top_k(run, store):
     pred = engine.prefetcher.predict(0, x, torch.zeros(1, 2, dtype=torch.int64))
     logits = x @ layers[1].gate.weight.t()
     assert sorted(pred) == sorted(logits[0].topk(2).indices.tolist())
+    engine.close()
+
+
+def test_path_prediction_is_every_later_router_on_the_first_layer_input(run, store):
+    from moekit.layer import moe_layers
+    from moekit.serve.offload import load_offloaded_run
+
+    model, engine = load_offloaded_run(store, 0.5, "lru", "path")
+    layers = moe_layers(model)
+    x = torch.randn(1, 16)
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    pred = engine.prefetcher.predict(0, x, ids)
+    assert sorted(pred) == list(range(1, len(layers)))
+    for m in range(1, len(layers)):  # layer m's own gate on layer 0's input, computed here by hand
+        logits = x @ layers[m].gate.weight.t()
+        assert sorted(pred[m]) == sorted(logits[0].topk(2).indices.tolist())
+    assert engine.prefetcher.predict(1, x, ids) is None  # only the first layer forecasts
     engine.close()
 
 

@@ -71,8 +71,9 @@ class OffloadEngine:
                 if not predicted and ids_TK is not None:  # own misses first, then the next layer's reads
                     predicted = True
                     pred = self.prefetcher.predict(layer, x_TD, ids_TK)
-                    if pred:
-                        cache.prefetch(layer + 1, pred)
+                    for target, ids in (pred.items() if isinstance(pred, dict) else [(layer + 1, pred)]):
+                        if ids:
+                            cache.prefetch(target, ids)
                 try:
                     compute(group, weights)
                 finally:

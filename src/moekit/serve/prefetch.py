@@ -15,9 +15,14 @@ the hidden states exist, so ``cross_layer`` is Fate's real predictor:
   arXiv 2308.14352: preloading from profiled layer-to-layer statistics): counts ``N[i, j]`` of tokens that used
   expert ``i`` at layer ``l`` and ``j`` at ``l + 1``, updated online after every call; the prediction sums each
   token's normalised rows (ties by popularity at ``l + 1``, then id), as the simulator's table.
+* ``path`` (ExpertFlow, "ExpertFlow: Optimized Expert Activation and Token Allocation for Efficient
+  Mixture-of-Experts Inference", arXiv 2410.17954: the whole routing path forecast before the pass): at layer 0,
+  every later layer ``m``'s router is applied to layer 0's router input and each layer's experts are prefetched
+  at once (ranked as ``cross_layer``), so the reads of deep layers start a whole pass ahead. ExpertFlow trains a
+  predictor for this; here the routers themselves are the predictor (no training), as Fate's gate is.
 
 Layer 0 has no previous layer and is never prefetched. :meth:`Prefetcher.predict` returns the expert ids for
-layer ``l + 1``, best first.
+layer ``l + 1``, best first, or a dict ``{layer: ids}`` for several later layers (``path``).
 """
 from __future__ import annotations
 
@@ -26,10 +31,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["PREFETCHERS", "CrossLayerPrefetcher", "NoPrefetcher", "Prefetcher", "TransitionPrefetcher",
-           "make_prefetcher"]
+__all__ = ["PREFETCHERS", "CrossLayerPrefetcher", "NoPrefetcher", "PathPrefetcher", "Prefetcher",
+           "TransitionPrefetcher", "make_prefetcher"]
 
-PREFETCHERS = ("none", "cross_layer", "transition")
+PREFETCHERS = ("none", "cross_layer", "transition", "path")
 
 
 class Prefetcher:
@@ -59,13 +64,30 @@ class CrossLayerPrefetcher(Prefetcher):
         nxt = layer + 1
         if nxt >= len(self.logits) or x_TD.shape[0] == 0:
             return None
-        probs_TE = torch.softmax(self.logits[nxt](x_TD).float(), dim=-1)
-        top_TK = probs_TE.topk(self.top_k[nxt], dim=-1)
+        return self._ranked(nxt, x_TD)
+
+    def _ranked(self, target: int, x_TD: torch.Tensor) -> list[int]:
+        """Layer ``target``'s router on ``x_TD``: the union of the tokens' top-k, best routing probability first."""
+        probs_TE = torch.softmax(self.logits[target](x_TD).float(), dim=-1)
+        top_TK = probs_TE.topk(self.top_k[target], dim=-1)
         best_E = torch.zeros(probs_TE.shape[1], dtype=probs_TE.dtype).scatter_reduce_(
             0, top_TK.indices.reshape(-1), top_TK.values.reshape(-1), reduce="amax")
         chosen = torch.unique(top_TK.indices)
         order = torch.argsort(best_E[chosen], descending=True, stable=True)
         return chosen[order].tolist()
+
+
+class PathPrefetcher(CrossLayerPrefetcher):
+    """ExpertFlow's whole-path forecast from the first layer's input (see the module docstring): at layer 0 a
+    dict ``{m: ids}`` for every later layer ``m``; nothing at other layers."""
+
+    name = "path"
+
+    @torch.no_grad()
+    def predict(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> dict[int, list[int]] | None:
+        if layer != 0 or x_TD.shape[0] == 0:
+            return None
+        return {m: self._ranked(m, x_TD) for m in range(1, len(self.logits))}
 
 
 class TransitionPrefetcher(Prefetcher):
@@ -119,4 +141,6 @@ def make_prefetcher(name: str, *, logits=None, num_experts=None, top_k=None) -> 
         return CrossLayerPrefetcher(logits, top_k)
     if name == "transition":
         return TransitionPrefetcher(num_experts, top_k)
+    if name == "path":
+        return PathPrefetcher(logits, top_k)
     raise ValueError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {name!r}")
