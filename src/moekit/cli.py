@@ -28,17 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_report(sub)
     commands.add_inspect(sub)
     commands.add_export(sub)
-    from . import commands_quant
+    from . import commands_adapt, commands_compress, commands_compress_report, commands_offload, commands_quant
+    from . import commands_serve
 
     commands_quant.add_quantize(sub)
-    from . import commands_compress  # prune, merge
-    commands_compress.add_prune(sub), commands_compress.add_merge(sub)
-    from . import commands_compress_report; commands_compress_report.add_compress_report(sub)
-    from . import commands_serve  # simulate, place
-    commands_serve.add_simulate(sub), commands_serve.add_place(sub)
-    from . import commands_offload  # offload (expert store)
-    commands_offload.add_offload(sub)
-    from . import commands_adapt; commands_adapt.add_finetune(sub)  # finetune (routers only, RoMA)
+    commands_compress.add_prune(sub)
+    commands_compress.add_merge(sub)
+    commands_compress_report.add_compress_report(sub)
+    commands_serve.add_simulate(sub)
+    commands_serve.add_place(sub)
+    commands_offload.add_offload(sub)  # the expert store
+    commands_adapt.add_finetune(sub)  # routers only, RoMA
     from . import compare
 
     p = sub.add_parser("compare", help="train once per routing/balancing method and tabulate the results")

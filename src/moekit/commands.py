@@ -26,7 +26,8 @@ def add_train(sub) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue the run folder RUN from its latest checkpoint")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_config_flags(p)
-    from . import commands_adapt; commands_adapt.add_train_domain_arguments(p)  # --exclude-domains (adapt)
+    from . import commands_adapt
+    commands_adapt.add_train_domain_arguments(p)  # --exclude-domains (adapt)
     p.set_defaults(func=cmd_train)
 
 
@@ -68,7 +69,8 @@ def cmd_train(args) -> int:
     _check_model_builds(model_cfg)
     train_cfg.check_device()
     _load_data(run_data_path(run_config))
-    from . import commands_adapt; commands_adapt.apply_train_domains(args, run_config)  # --exclude-domains
+    from . import commands_adapt
+    commands_adapt.apply_train_domains(args, run_config)  # --exclude-domains
     # The trainer runs on the CPU, hence gloo (NCCL needs CUDA tensors).
     layout = ParallelLayout.initialise(train_cfg.expert_parallel, _layout_experts(model_cfg, train_cfg.expert_parallel),
                                        train_cfg.batch_size, backend="gloo")
@@ -218,8 +220,10 @@ def add_eval(sub) -> None:
     p.add_argument("--rewire-every", type=int, default=64, help="with --rewire: tokens scored between adaptations")
     p.add_argument("--rewire-steps", type=int, default=3, help="with --rewire: optimiser steps per adaptation")
     p.add_argument("--rewire-lr", type=float, default=0.01, help="with --rewire: learning rate of the offsets")
-    from . import commands_compress; commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
-    from . import commands_adapt; commands_adapt.add_eval_domain_arguments(p)  # --domains (adapt)
+    from . import commands_compress
+    commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
+    from . import commands_adapt
+    commands_adapt.add_eval_domain_arguments(p)  # --domains (adapt)
     p.set_defaults(func=cmd_eval)
 
 
@@ -245,11 +249,13 @@ def cmd_eval(args) -> int:
     model, cfg = load_run(Path(args.run))
     data = args.data if args.data else run_data_path(cfg)
     corpus = _load_data(data)
-    from . import commands_adapt; corpus = commands_adapt.eval_corpus(args, corpus)  # --domains
+    from . import commands_adapt
+    corpus = commands_adapt.eval_corpus(args, corpus)  # --domains
     train = cfg["train"]
     if args.rewire:
         return _eval_rewire(args, model, corpus, train["seq_len"])
-    from . import commands_compress; skip = commands_compress.start_dynamic_skip(args, model, cfg)  # NAEE skipping
+    from . import commands_compress
+    skip = commands_compress.start_dynamic_skip(args, model, cfg)  # NAEE skipping
     result = evaluate(model, corpus, train["seq_len"], args.batch_size or train["batch_size"], args.max_windows,
                       progress=not args.json)
     commands_compress.finish_dynamic_skip(args, skip, result)
@@ -314,9 +320,12 @@ def add_generate(sub) -> None:
     p.add_argument("--threads", default="auto", help="intra-op threads: 'auto' (default: one thread for model "
                    "calls of at most 8 token rows, such as decoding steps, which keeps its speed on a busy "
                    "machine; torch's count for larger calls) or a number")
-    from . import commands_compress; commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
-    from . import commands_adapt; commands_adapt.add_generate_rewire_arguments(p)  # --rewire (adapt)
-    from . import commands_offload; commands_offload.add_generate_arguments(p)  # --expert-budget (offload)
+    from . import commands_compress
+    commands_compress.add_dynamic_skip_arguments(p)  # NAEE dynamic skipping
+    from . import commands_adapt
+    commands_adapt.add_generate_rewire_arguments(p)  # --rewire (adapt)
+    from . import commands_offload
+    commands_offload.add_generate_arguments(p)  # --expert-budget (offload)
     p.set_defaults(func=cmd_generate)
 
 
@@ -379,8 +388,10 @@ def cmd_generate(args) -> int:
     from .threads import parse_threads
 
     threads = parse_threads(args.threads)
-    from . import commands_adapt; commands_adapt.check_generate_rewire(args)  # --rewire-* values
-    from . import commands_offload; commands_offload.check_generate_offload(args)  # --expert-budget values
+    from . import commands_adapt
+    commands_adapt.check_generate_rewire(args)  # --rewire-* values
+    from . import commands_offload
+    commands_offload.check_generate_offload(args)  # --expert-budget values
     if args.prompts is not None:
         numbered = read_prompts(args.prompts)
     else:
@@ -402,7 +413,8 @@ def cmd_generate(args) -> int:
         model, _run_cfg = load_run(Path(args.run))
     if args.rewire:  # test-time rewiring (moekit.adapt.online): its own loop, prompt by prompt
         return commands_adapt.generate_rewire(args, model, numbered, threads)
-    from . import commands_compress; skip = commands_compress.start_dynamic_skip(args, model, _run_cfg)  # NAEE
+    from . import commands_compress
+    skip = commands_compress.start_dynamic_skip(args, model, _run_cfg)  # NAEE
     prompts = [p for _, p in numbered]
     stream = None  # noqa: F811  (replaced below for a single prompt)
     if len(prompts) == 1 and not args.json:  # one prompt: print the text as it comes
