@@ -88,6 +88,13 @@ def child(args) -> None:
     torch.manual_seed(0)
     torch.set_num_threads(1)  # every configuration: one intra-op thread (2 shared cores; see BENCHMARKS.md)
     rec: dict = {"config": args.child}
+    # The libraries every configuration imports are loaded before the baseline: the figure of interest is what
+    # the model and its serving add, not the import of transformers' modelling code (about 100 MiB).
+    import transformers.models.olmoe.modeling_olmoe  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    if args.child == "moekit":
+        import moekit.serve  # noqa: F401
     base = _rss()
     if args.child == "resident":
         from transformers import AutoModelForCausalLM
