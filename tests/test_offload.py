@@ -218,7 +218,7 @@ PROMPTS = ["def f(x):", "    return"]
 
 @pytest.mark.parametrize("policy, prefetch", [("lru", "cross_layer"), ("least_stale", "transition"),
                                               ("adaptive", "none"), ("shallow", "cross_layer"),
-                                              ("lru_pinned", "path")])
+                                              ("lru_pinned", "path"), ("lfu", "trace_match")])
 def test_moekit_offloaded_greedy_equals_resident(run, store, policy, prefetch):
     from moekit.model import generate_batch
     from moekit.serve.offload import load_offloaded_run
@@ -227,6 +227,10 @@ def test_moekit_offloaded_greedy_equals_resident(run, store, policy, prefetch):
     ref, _ = load_run(run)
     want = generate_batch(ref, PROMPTS, 12, temperature=0, eos_id=None)
     model, engine = load_offloaded_run(store, 0.25, policy, prefetch, run=run, profile_tokens=4)
+    if prefetch == "trace_match":  # it predicts from earlier requests: one first, each prompt on its own
+        for prompt in PROMPTS:
+            assert generate_batch(model, [prompt], 12, temperature=0, eos_id=None)[0].new_ids == \
+                generate_batch(ref, [prompt], 12, temperature=0, eos_id=None)[0].new_ids
     got = generate_batch(model, PROMPTS, 12, temperature=0, eos_id=None)
     s = engine.stats()
     engine.close()
@@ -265,6 +269,29 @@ def test_path_prediction_is_every_later_router_on_the_first_layer_input(run, sto
         assert sorted(pred[m]) == sorted(logits[0].topk(2).indices.tolist())
     assert engine.prefetcher.predict(1, x, ids) is None  # only the first layer forecasts
     engine.close()
+
+
+def test_trace_match_prefetches_the_most_similar_earlier_request():
+    from moekit.serve.prefetch import TraceMatchPrefetcher
+
+    pf = TraceMatchPrefetcher([4, 4, 4], [1, 1, 1])
+    call = lambda layer, ids: pf.predict(layer, torch.zeros(len(ids), 2), torch.tensor(ids))  # noqa: E731
+    # request A (prefill of 2 rows, then one decoding step): layer 0 uses 0/1, layer 1 uses 2, layer 2 uses 3
+    assert call(0, [[0], [1]]) is None  # nothing stored yet
+    call(1, [[2], [2]]), call(2, [[3], [3]])
+    call(0, [[0]]), call(1, [[2]]), call(2, [[3]])
+    # request B (a prefill: more rows than the last layer-0 call) uses 3 at layer 0, then 1 and 0
+    assert call(0, [[3], [3], [3]]) == [2]  # A is stored; B's first layer is unlike A's but A is the only one
+    call(1, [[1], [1], [1]]), call(2, [[0], [0], [0]])
+    # request C: starts like A at layer 0; hand cosine over layer 0: A = (1, 1, 0, 0) * ..., B = (0, 0, 0, 3)
+    a0, b0, c0 = np.array([2.0, 1, 0, 0]), np.array([0, 0, 0, 3.0]), np.array([1.0, 0, 0, 0])
+    assert c0 @ a0 / np.linalg.norm(a0) > c0 @ b0 / np.linalg.norm(b0)
+    assert call(0, [[0], [0], [0], [0]]) == [2]  # A's layer-1 row
+    assert pf.match(0) == 0 and len(pf.stored) == 2
+    # after layer 1 uses expert 1 (like B), the match over layers 0-1 moves to B
+    c = np.concatenate([[4.0, 0, 0, 0], [0, 4.0, 0, 0]])
+    sims = [c @ np.concatenate(m[:2]) / np.linalg.norm(np.concatenate(m[:2])) for m in pf.stored]
+    assert call(1, [[1], [1], [1], [1]]) == ([3] if sims[0] > sims[1] else [0])
 
 
 def test_cli_generate_json_reports(run, store, capsys):

@@ -21,6 +21,14 @@ the hidden states exist, so ``cross_layer`` is Fate's real predictor:
   at once (ranked as ``cross_layer``), so the reads of deep layers start a whole pass ahead. ExpertFlow trains a
   predictor for this; here the routers themselves are the predictor (no training), as Fate's gate is.
 
+* ``trace_match`` (MoE-Infinity, "MoE-Infinity: Efficient MoE Inference on Personal Machines with
+  Sparsity-Aware Expert Cache", arXiv 2401.14361: per-request expert activation matrices matched to stored ones):
+  the current request's activation matrix (tokens routed to each (layer, expert) so far) is compared by cosine
+  similarity, over the layers seen so far, with the matrices of earlier requests (the last ``memory``, 64); the
+  best match's row for layer ``l + 1`` is prefetched, most used first. Requests are not announced to the
+  experts, so a layer-0 call with more rows than the previous one (a prefill after decoding steps) starts a new
+  request; nothing is predicted before the first request has been stored.
+
 Layer 0 has no previous layer and is never prefetched. :meth:`Prefetcher.predict` returns the expert ids for
 layer ``l + 1``, best first, or a dict ``{layer: ids}`` for several later layers (``path``).
 """
@@ -32,9 +40,9 @@ import numpy as np
 import torch
 
 __all__ = ["PREFETCHERS", "CrossLayerPrefetcher", "NoPrefetcher", "PathPrefetcher", "Prefetcher",
-           "TransitionPrefetcher", "make_prefetcher"]
+           "TraceMatchPrefetcher", "TransitionPrefetcher", "make_prefetcher"]
 
-PREFETCHERS = ("none", "cross_layer", "transition", "path")
+PREFETCHERS = ("none", "cross_layer", "transition", "trace_match", "path")
 
 
 class Prefetcher:
@@ -133,6 +141,54 @@ class TransitionPrefetcher(Prefetcher):
         return order[:n].tolist()
 
 
+class TraceMatchPrefetcher(Prefetcher):
+    """MoE-Infinity's activation-matrix matching (see the module docstring). ``stored`` holds the finished
+    requests' matrices (one ``[E_l]`` count vector per layer), ``current`` the running request's."""
+
+    name = "trace_match"
+
+    def __init__(self, num_experts: list[int], top_k: list[int], memory: int = 64):
+        self.num_experts, self.top_k, self.memory = num_experts, top_k, memory
+        self.stored: list[list[np.ndarray]] = []
+        self.current = [np.zeros(e) for e in num_experts]
+        self._rows0 = None  # rows of the last layer-0 call
+
+    def _finish_request(self) -> None:
+        if any(c.any() for c in self.current):
+            self.stored = (self.stored + [self.current])[-self.memory:]
+        self.current = [np.zeros(e) for e in self.num_experts]
+
+    def match(self, upto: int) -> int | None:
+        """Index of the stored matrix most cosine-similar to the current one over layers ``0..upto``."""
+        if not self.stored:
+            return None
+        cur = np.concatenate(self.current[:upto + 1])
+        best, best_sim = None, -np.inf
+        for i, m in enumerate(self.stored):
+            ref = np.concatenate(m[:upto + 1])
+            sim = float(cur @ ref) / max(float(np.linalg.norm(cur) * np.linalg.norm(ref)), 1e-12)
+            if sim > best_sim:
+                best, best_sim = i, sim
+        return best
+
+    def predict(self, layer: int, x_TD: torch.Tensor, ids_TK: torch.Tensor) -> list[int] | None:
+        ids = ids_TK.detach().cpu().numpy().astype(np.int64)
+        if layer == 0:
+            if self._rows0 is None or ids.shape[0] > self._rows0:
+                self._finish_request()
+            self._rows0 = ids.shape[0]
+        flat = ids[ids >= 0]
+        np.add.at(self.current[layer], flat, 1.0)
+        nxt = layer + 1
+        best = self.match(layer) if nxt < len(self.num_experts) else None
+        if best is None:
+            return None
+        row = self.stored[best][nxt]
+        order = np.lexsort((np.arange(len(row)), -row))
+        n = self.top_k[nxt] * max(1, min(ids.shape[0], 4))
+        return [int(e) for e in order[:n] if row[e] > 0]
+
+
 def make_prefetcher(name: str, *, logits=None, num_experts=None, top_k=None) -> Prefetcher:
     """The prefetcher called ``name`` (:data:`PREFETCHERS`); ``ValueError`` otherwise."""
     if name == "none":
@@ -143,4 +199,6 @@ def make_prefetcher(name: str, *, logits=None, num_experts=None, top_k=None) -> 
         return TransitionPrefetcher(num_experts, top_k)
     if name == "path":
         return PathPrefetcher(logits, top_k)
+    if name == "trace_match":
+        return TraceMatchPrefetcher(num_experts, top_k)
     raise ValueError(f"prefetch must be one of {', '.join(PREFETCHERS)}, got {name!r}")
