@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from cache_reference import brute_min_misses
 
 from moekit.cli import main
 from moekit.serve import eplb, expert_loads, layer_slots, milp_placement, placement_stats, round_robin, simulate
@@ -18,24 +19,6 @@ def make_trace(experts_ITK, num_experts):
     weights = np.where(experts_ITK >= 0, 1.0, 0.0).astype(np.float32)
     return Trace(experts=experts_ITK, weights=weights, num_experts=num_experts,
                  layer_names=[f"l{i}" for i in range(experts_ITK.shape[0])])
-
-
-def brute_min_misses(seq, slots):
-    """Fewest misses of any demand-loading cache (all subsets reachable), by dynamic programming."""
-    states = {frozenset(): 0}
-    for need in seq:
-        need = frozenset(need)
-        nxt = {}
-        for s, cost in states.items():
-            c = cost + len(need - s)
-            pool = sorted(s - need)
-            for r in range(0, slots - len(need) + 1):
-                for keep in itertools.combinations(pool, min(r, len(pool))):
-                    key = need | frozenset(keep)
-                    if nxt.get(key, 1 << 30) > c:
-                        nxt[key] = c
-        states = nxt
-    return min(states.values())
 
 
 # ------------------------------------------------------------------------------------------------ policies

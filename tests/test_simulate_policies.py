@@ -4,6 +4,7 @@ import itertools
 
 import numpy as np
 import pytest
+from cache_reference import brute_min_misses  # the brute-force reference of Belady's rule
 
 from moekit.serve import layer_slots, simulate
 from moekit.serve.policies import allocate_dp, lru_hit_curve, run_cache
@@ -179,24 +180,6 @@ def test_path_predicts_all_layers_from_the_first_with_lead_l():
 
 
 # ------------------------------------------------------------------------------------------------ shared pool
-def brute_min_misses(seq, slots):
-    """Fewest misses of any demand-loading cache (all subsets reachable), by dynamic programming."""
-    states = {frozenset(): 0}
-    for need in seq:
-        need = frozenset(need)
-        nxt = {}
-        for s, cost in states.items():
-            c = cost + len(need - s)
-            pool = sorted(s - need)
-            for r in range(0, slots - len(need) + 1):
-                for keep in itertools.combinations(pool, min(r, len(pool))):
-                    key = need | frozenset(keep)
-                    if nxt.get(key, 1 << 30) > c:
-                        nxt[key] = c
-        states = nxt
-    return min(states.values())
-
-
 def ref_shared(trace, preds, leads, slots, pinned_policy, start, pin_tokens=1):
     """Slow reference of one shared LRU pool in decode order (token, layer), with prefetches issued before
     step (t, l - lead + 1); recency as a list (least recent first)."""

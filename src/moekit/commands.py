@@ -240,12 +240,9 @@ def cmd_eval(args) -> int:
     if args.data and not Path(args.data).exists():
         raise FileNotFoundError(f"--data: {args.data} does not exist")
     if args.rewire:
-        if args.rewire_every < 1:
-            raise ValueError(f"--rewire-every must be >= 1, got {args.rewire_every}")
-        if args.rewire_steps < 1:
-            raise ValueError(f"--rewire-steps must be >= 1, got {args.rewire_steps}")
-        if not (math.isfinite(args.rewire_lr) and args.rewire_lr > 0):
-            raise ValueError(f"--rewire-lr must be a finite number > 0, got {args.rewire_lr}")
+        from . import commands_adapt
+
+        commands_adapt.check_rewire_schedule(args)
     model, cfg = load_run(Path(args.run))
     data = args.data if args.data else run_data_path(cfg)
     corpus = _load_data(data)

@@ -77,16 +77,21 @@ def add_generate_rewire_arguments(p) -> None:
                    help="MoE layer positions (0-based, model order) to adapt (default: all)")
 
 
-def check_generate_rewire(args) -> None:
-    """Bad ``--rewire-*`` values, before the model is loaded."""
-    if not getattr(args, "rewire", False):
-        return
+def check_rewire_schedule(args) -> None:
+    """Bad ``--rewire-every`` / ``--rewire-steps`` / ``--rewire-lr`` (eval and generate), before any loading."""
     if args.rewire_every < 1:
         raise ValueError(f"--rewire-every must be >= 1, got {args.rewire_every}")
     if args.rewire_steps < 1:
         raise ValueError(f"--rewire-steps must be >= 1, got {args.rewire_steps}")
     if not (math.isfinite(args.rewire_lr) and args.rewire_lr > 0):
         raise ValueError(f"--rewire-lr must be a finite number > 0, got {args.rewire_lr}")
+
+
+def check_generate_rewire(args) -> None:
+    """Bad ``--rewire-*`` values of generate, before the model is loaded."""
+    if not getattr(args, "rewire", False):
+        return
+    check_rewire_schedule(args)
     if args.rewire_layers is not None:
         try:
             args.rewire_layers_list = [int(t) for t in args.rewire_layers.split(",")]

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -183,15 +182,11 @@ def _file_bytes(folder: Path) -> int:
 
 def _write(args, cfg: dict, model, record: dict) -> Path:
     """Write the compressed model to OUT through a temporary folder beside it."""
-    from .io import atomic_save_safetensors, atomic_write_json
+    from .io import atomic_save_safetensors, atomic_write_json, temp_sibling_dir
 
     out = Path(args.out)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".compress-tmp", dir=out.absolute().parent))
+    tmp = temp_sibling_dir(out)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
         if args.format == "hf":
             from .hf.export import export_model_hf
 
@@ -419,14 +414,10 @@ def _cmd_prune_hf(args) -> int:
     record = {"kind": "prune", "method": args.method, "keep": args.keep, "source": str(src.resolve()),
               "input": "transformers", "kept": {b.name: k for b, k in zip(blocks, keep)},
               "calibration": {"domain": args.calib_domain, "data": args.calib_data, "tokens": args.calib_tokens}}
-    from .io import atomic_write_json
+    from .io import atomic_write_json, temp_sibling_dir
 
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".compress-tmp", dir=out.absolute().parent))
+    tmp = temp_sibling_dir(out)
     try:
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
         new.save_pretrained(tmp)
         skip = {"config.json", "generation_config.json", "model.safetensors.index.json"}
         for f in src.iterdir():  # tokenizer and other side files travel with the weights

@@ -15,7 +15,6 @@ import os
 import random
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 MIXED_CHOICES = (2, 3, 4)
@@ -156,7 +155,7 @@ def cmd_quantize(args) -> int:
 
     from .compress import quant as Q
     from .experts import DenseExperts, QuantizedExperts
-    from .io import _umask, atomic_save_safetensors, atomic_write_json, read_json
+    from .io import atomic_save_safetensors, atomic_write_json, read_json, temp_sibling_dir
     from .layer import MoE
     from .model import MoELM
     from .train import load_run
@@ -291,8 +290,7 @@ def cmd_quantize(args) -> int:
     if unexpected:
         raise ValueError(f"quantized model: weights with no source: {unexpected[:3]}")
     # write: temporary folder beside OUT, renamed into place
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-{os.getpid()}-", suffix=".tmp", dir=out.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # an ordinary folder once renamed (mkdtemp makes it private)
+    tmp = temp_sibling_dir(out)
     try:
         tensors = {k: v.contiguous() for k, v in qmodel.state_dict().items()}
         atomic_save_safetensors(tmp / "model.safetensors", tensors, {"format": RUN_FORMAT})

@@ -41,6 +41,16 @@ def temp_sibling(path: str | os.PathLike) -> Path:
 _tmp_path = temp_sibling
 
 
+def temp_sibling_dir(path: str | os.PathLike) -> Path:
+    """A new empty temporary folder beside ``path`` (its parent is created if missing) with ordinary permissions
+    (0777 less the umask; ``mkdtemp`` alone makes it private), to be renamed onto ``path`` once filled."""
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.moekit-{os.getpid()}-", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.tokenizer import PAD_ID
-from .rewire import RewireReport, next_token_loss
+from .rewire import RewireReport, check_schedule, next_token_loss
 
 __all__ = ["DynamicEvaluator"]
 
@@ -34,14 +34,8 @@ class DynamicEvaluator:
 
     def __init__(self, model: nn.Module, *, lr: float = 1e-4, steps: int = 3, every: int = 64,
                  optimizer: str = "sgd", decay: float = 0.0, pad_id: int | None = PAD_ID):
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"DynamicEvaluator: steps must be an integer >= 0, got {steps!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"DynamicEvaluator: every must be an integer >= 1, got {every!r}")
-        if not lr > 0:
-            raise ValueError(f"DynamicEvaluator: lr must be > 0, got {lr!r}")
-        if optimizer not in self.OPTIMIZERS:
-            raise ValueError(f"DynamicEvaluator: optimizer must be one of {self.OPTIMIZERS}, got {optimizer!r}")
+        check_schedule("DynamicEvaluator", steps=steps, every=every, lr=lr, optimizer=optimizer,
+                       allowed=self.OPTIMIZERS)
         if not 0 <= decay < 1:
             raise ValueError(f"DynamicEvaluator: decay must be in [0, 1), got {decay!r}")
         self.model, self.lr, self.steps, self.every = model, float(lr), steps, every

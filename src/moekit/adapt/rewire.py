@@ -120,6 +120,19 @@ class RewireReport:
                 "routing_change_mean": self.routing_change_mean}
 
 
+
+def check_schedule(who: str, *, steps, every, lr, optimizer: str, allowed: tuple[str, ...]) -> None:
+    """The adaptation schedule shared by :class:`Rewirer` and the dynamic evaluator: ``steps`` an integer >= 0,
+    ``every`` an integer >= 1, ``lr`` > 0, ``optimizer`` one of ``allowed``; ``ValueError`` naming ``who``."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{who}: steps must be an integer >= 0, got {steps!r}")
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ValueError(f"{who}: every must be an integer >= 1, got {every!r}")
+    if not lr > 0:
+        raise ValueError(f"{who}: lr must be > 0, got {lr!r}")
+    if optimizer not in allowed:
+        raise ValueError(f"{who}: optimizer must be one of {allowed}, got {optimizer!r}")
+
 class Rewirer:
     """Online adaptation of the router logit offsets of ``model`` (see the module docstring for the method and
     the defaults).
@@ -139,14 +152,7 @@ class Rewirer:
         layers_all = routed_layers(model)
         if not layers_all:
             raise ValueError(f"Rewirer: {type(model).__name__} has no MoE layer")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"Rewirer: steps must be an integer >= 0, got {steps!r}")
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"Rewirer: every must be an integer >= 1, got {every!r}")
-        if not lr > 0:
-            raise ValueError(f"Rewirer: lr must be > 0, got {lr!r}")
-        if optimizer not in self.OPTIMIZERS:
-            raise ValueError(f"Rewirer: optimizer must be one of {self.OPTIMIZERS}, got {optimizer!r}")
+        check_schedule("Rewirer", steps=steps, every=every, lr=lr, optimizer=optimizer, allowed=self.OPTIMIZERS)
         if max_norm is not None and not max_norm > 0:
             raise ValueError(f"Rewirer: max_norm must be > 0 or None, got {max_norm!r}")
         chosen = list(range(len(layers_all))) if layers is None else list(layers)

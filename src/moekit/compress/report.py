@@ -343,17 +343,13 @@ def _html(report: dict, table_md: str) -> str:
 def write_outputs(report: dict, out_dir: str | os.PathLike) -> Path:
     """``report.json``, ``report.md``, ``size_quality.png`` and ``index.html`` in a temporary sibling folder,
     renamed to ``out_dir``."""
-    from ..io import atomic_write_bytes, atomic_write_json
+    from ..io import atomic_write_bytes, atomic_write_json, temp_sibling_dir
 
     out = Path(out_dir)
     if out.exists():
         raise ValueError(f"OUT_DIR {out} already exists")
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".report-tmp", dir=out.absolute().parent))
+    tmp = temp_sibling_dir(out)
     try:
-        from ..io import _umask
-
-        os.chmod(tmp, 0o777 & ~_umask())
         table = markdown_table(report)
         atomic_write_json(tmp / "report.json", report)
         atomic_write_bytes(tmp / "report.md", table.encode())

@@ -28,6 +28,7 @@ from ..dispatch.fused import ActivationSpec, ExpertProducts, expert_rows, fused_
 from ..dispatch.ops import combine, gather
 from ..dispatch.plan import DispatchPlan
 from ..registry import Registry
+from .activations import get_activation
 
 __all__ = ["Experts", "GroupedExperts", "get", "names", "register"]
 
@@ -90,6 +91,18 @@ class Experts(nn.Module):
                                              requires_grad=param.requires_grad))
         self.num_experts = len(expert_ids)
         return names
+
+
+def set_ffn_shape(experts: nn.Module, num_experts: int, dim: int, hidden_dim: int, activation: str) -> None:
+    """The attributes every FFN experts kind carries: ``num_experts``, ``dim``, ``hidden_dim``, ``act`` (the
+    activation object), ``activation`` (its name), ``gated``, ``act_spec`` (for the fused path) and ``up_name``
+    (``gate_up_proj`` when gated, else ``up_proj``: the transformers name of the up weight)."""
+    experts.num_experts, experts.dim, experts.hidden_dim = num_experts, dim, hidden_dim
+    experts.act = get_activation(activation)
+    experts.activation = experts.act.name
+    experts.gated = experts.act.gated
+    experts.act_spec = ActivationSpec.from_activation(experts.act)
+    experts.up_name = "gate_up_proj" if experts.gated else "up_proj"
 
 
 _EXPERTS = Registry("experts", Experts)

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..dispatch.fused import ActivationSpec
-from .activations import get_activation
-from .base import GroupedExperts, register
+from .base import GroupedExperts, register, set_ffn_shape
 
 
 @register("dense")
@@ -24,13 +22,7 @@ class DenseExperts(GroupedExperts):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
                  init_std: float = 0.02):
         super().__init__()
-        self.num_experts = num_experts
-        self.dim = dim
-        self.hidden_dim = hidden_dim
-        self.act = get_activation(activation)
-        self.activation = self.act.name
-        self.gated = self.act.gated
-        self.act_spec = ActivationSpec.from_activation(self.act)
+        set_ffn_shape(self, num_experts, dim, hidden_dim, activation)
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
         up = nn.Parameter(torch.empty(num_experts, up_rows, dim))
         if self.gated:

@@ -38,9 +38,7 @@ from __future__ import annotations
 import torch
 
 from ..compress import quant as Q
-from ..dispatch.fused import ActivationSpec
-from .activations import get_activation
-from .base import GroupedExperts, register
+from .base import GroupedExperts, register, set_ffn_shape
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -54,11 +52,7 @@ class QuantizedExperts(GroupedExperts):
                  expert_bits: list | None = None, method: str = "rtn", kernel: str = "auto",
                  zero_dtype: str = "uint8", act_bits: int | None = None, smooth: bool = False):
         super().__init__()
-        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
-        self.act = get_activation(activation)
-        self.activation = self.act.name
-        self.gated = self.act.gated
-        self.act_spec = ActivationSpec.from_activation(self.act)
+        set_ffn_shape(self, num_experts, dim, hidden_dim, activation)
         self.bits = Q.check_bits(bits)
         if isinstance(group, bool) or not isinstance(group, int) or group < 1:
             raise ValueError(f"experts_options.group must be a positive integer, got {group!r}")
@@ -86,7 +80,6 @@ class QuantizedExperts(GroupedExperts):
         if self.smooth_enabled:
             self.register_buffer("smooth", torch.ones(dim, dtype=torch.float32))
         up_rows = 2 * hidden_dim if self.gated else hidden_dim
-        self.up_name = "gate_up_proj" if self.gated else "up_proj"
         self._shapes = {self.up_name: (up_rows, dim), "down_proj": (dim, hidden_dim)}
         self._groups = {name: Q._group_of(group, cols) for name, (_, cols) in self._shapes.items()}
         for name, (rows, cols) in self._shapes.items():

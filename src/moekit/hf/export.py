@@ -7,7 +7,7 @@ of transformers 5's fused experts, ``experts.gate_up_proj [E, 2F, D]``, ``expert
 logits to float32 rounding.
 
 The export is atomic: everything is written into a new temporary folder beside ``OUT`` (a unique name from
-``tempfile.mkdtemp``, so no folder of the user's is ever touched) and renamed onto ``OUT`` at the end; an
+``moekit.io.temp_sibling_dir``, so no folder of the user's is ever touched) and renamed onto ``OUT`` at the end; an
 existing non-empty ``OUT`` is refused unless ``force``, and ``OUT`` may never be the run folder, lie inside it
 or contain it. Models whose routing Qwen3-MoE cannot express (another router,
 sigmoid scores, shared experts, capacity, bias balancing, ...) raise ``ValueError`` listing every reason, as do
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import atomic_save_safetensors, atomic_write_json
+from ..io import atomic_save_safetensors, atomic_write_json, temp_sibling_dir
 from ..model.hf_mapping import qwen3_incompatibilities, qwen3_moe_config_dict, to_hf_state_dict
 
 __all__ = ["export_hf", "export_model_hf"]
@@ -56,12 +56,7 @@ def _check_out(out: Path, force: bool) -> None:
 def _prepare_out(out: Path, force: bool) -> Path:
     """Check ``out`` may be written and return a new empty temporary folder beside it (a unique name)."""
     _check_out(out, force)
-    out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".export-tmp", dir=out.absolute().parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private; OUT gets ordinary permissions
-    return tmp
+    return temp_sibling_dir(out)
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

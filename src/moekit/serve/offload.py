@@ -32,11 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..dispatch.fused import ActivationSpec, _act_forward
+from ..dispatch.fused import _act_forward
 from ..dispatch.grouped import grouped_mm
 from ..dispatch.plan import DispatchPlan
-from ..experts.activations import get_activation
-from ..experts.base import Experts, register
+from ..experts.base import Experts, register, set_ffn_shape
 from .cache import ExpertCache
 from .prefetch import PREFETCHERS, Prefetcher, make_prefetcher
 from .store import ExpertStore, fingerprint, is_store, write_store
@@ -119,12 +118,7 @@ class OffloadedExperts(Experts):
     def __init__(self, num_experts: int, dim: int, hidden_dim: int, activation: str = "swiglu",
                  init_std: float = 0.02):
         super().__init__()
-        self.num_experts, self.dim, self.hidden_dim = num_experts, dim, hidden_dim
-        self.act = get_activation(activation)
-        self.activation = self.act.name
-        self.gated = self.act.gated
-        self.act_spec = ActivationSpec.from_activation(self.act)
-        self.up_name = "gate_up_proj" if self.gated else "up_proj"
+        set_ffn_shape(self, num_experts, dim, hidden_dim, activation)
         self.engine: OffloadEngine | None = None
         self.layer = -1
 

@@ -72,6 +72,23 @@ class LayerStats:
     def accesses(self) -> int:
         return self.hits + self.misses
 
+    def count_access(self, hit: bool, m: int) -> None:
+        """One needed expert at measured token ``m`` (``m < 0``: a warm-up token, not counted)."""
+        if m < 0:
+            return
+        if hit:
+            self.hits += 1
+            self.hits_T[m] += 1
+        else:
+            self.misses += 1
+            self.misses_T[m] += 1
+
+    def count_prediction(self, predicted: int, used: int, lead: int) -> None:
+        """A prediction of ``predicted`` experts of which ``used`` were needed, issued ``lead`` layers ahead."""
+        self.predicted += predicted
+        self.predicted_used += used
+        self.lead_sum += used * lead
+
     @property
     def hit_rate(self) -> float:
         return self.hits / self.accesses if self.accesses else float("nan")
@@ -232,19 +249,10 @@ def run_cache(needed_T: list[np.ndarray], predicted_T: list[np.ndarray] | None, 
                     stats.prefetch_loads += 1
                     stats.prefetch_T[m] += 1
             if m >= 0:
-                used = len(pred_set & need_set)
-                stats.predicted += len(pred_set)
-                stats.predicted_used += used
-                stats.lead_sum += used * lead
+                stats.count_prediction(len(pred_set), len(pred_set & need_set), lead)
         for e in need_list:
-            if e in resident:
-                if m >= 0:
-                    stats.hits += 1
-                    stats.hits_T[m] += 1
-            else:
-                if m >= 0:
-                    stats.misses += 1
-                    stats.misses_T[m] += 1
+            stats.count_access(e in resident, m)
+            if e not in resident:
                 if admit_misses:
                     if len(resident) >= slots:
                         make_room(t, need_set)
@@ -365,20 +373,11 @@ def run_shared(needed: list[list[np.ndarray]], predicted: list[list[np.ndarray] 
             if m >= 0:
                 for j in issue_at.get(l, ()):
                     pred = set(predicted[j][t][:tops[j]].tolist())
-                    used = len(pred & set(needed[j][t].tolist()))
-                    stats[j].predicted += len(pred)
-                    stats[j].predicted_used += used
-                    stats[j].lead_sum += used * leads[j]
+                    stats[j].count_prediction(len(pred), len(pred & set(needed[j][t].tolist())), leads[j])
             s = stats[l]
             for k in need_keys:
-                if k in resident:
-                    if m >= 0:
-                        s.hits += 1
-                        s.hits_T[m] += 1
-                else:
-                    if m >= 0:
-                        s.misses += 1
-                        s.misses_T[m] += 1
+                s.count_access(k in resident, m)
+                if k not in resident:
                     if admit_misses and (len(resident) < slots or make_room(g, t, set(need_keys))):
                         resident.add(k)
             for k in need_keys:

@@ -37,14 +37,13 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
 
-from ..io import read_json
+from ..io import read_json, temp_sibling_dir
 
 __all__ = ["STORE_FORMAT", "STORE_VERSION", "ExpertStore", "StoreLayer", "fingerprint", "is_store", "write_store"]
 
@@ -285,7 +284,7 @@ def write_store(out, nonexpert: dict[str, torch.Tensor], layers: list[dict], mod
         raise ValueError(f"{out} already exists; choose a new folder for the expert store")
     if not out.parent.is_dir():
         raise ValueError(f"the folder {out.parent} does not exist")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.moekit-{os.getpid()}-", suffix=".tmp", dir=out.parent))
+    tmp = temp_sibling_dir(out)
     try:
         records = []
         for l, layer in enumerate(layers):
