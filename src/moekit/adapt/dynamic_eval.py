@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..data.tokenizer import PAD_ID
-from .rewire import RewireReport, check_schedule, next_token_loss
+from .rewire import RewireReport, check_schedule, descend
 
 __all__ = ["DynamicEvaluator"]
 
@@ -62,24 +62,15 @@ class DynamicEvaluator:
         flags = [p.requires_grad for p in self.params]
         was_training = self.model.training
         self.model.eval()
-        before = after = float("nan")
         try:
             for p in self.params:
                 p.requires_grad_(True)
-            with torch.enable_grad():
-                for step in range(self.steps):
-                    self._optimizer.zero_grad(set_to_none=True)
-                    loss = next_token_loss(self.model, ids_BL, self.pad_id)
-                    if step == 0:
-                        before = float(loss.detach())
-                    loss.backward()
-                    self._optimizer.step()
-                    if self.decay:
-                        with torch.no_grad():
-                            for p, p0 in zip(self.params, self.original):
-                                p.add_(p0 - p, alpha=self.decay)
-            with torch.no_grad():
-                after = float(next_token_loss(self.model, ids_BL, self.pad_id))
+            def pull_back():  # Krause et al.'s decay towards the original weights
+                if self.decay:
+                    for p, p0 in zip(self.params, self.original):
+                        p.add_(p0 - p, alpha=self.decay)
+
+            before, after = descend(self.model, self._optimizer, ids_BL, self.steps, self.pad_id, pull_back)
         finally:
             for p, flag in zip(self.params, flags):
                 p.requires_grad_(flag)

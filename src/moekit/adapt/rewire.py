@@ -133,6 +133,28 @@ def check_schedule(who: str, *, steps, every, lr, optimizer: str, allowed: tuple
     if optimizer not in allowed:
         raise ValueError(f"{who}: optimizer must be one of {allowed}, got {optimizer!r}")
 
+
+def descend(model: nn.Module, optimizer: torch.optim.Optimizer, ids_BL: torch.Tensor, steps: int,
+            pad_id: int | None, after_step=None) -> tuple[float, float]:
+    """``steps`` optimiser steps of next-token loss on ``ids_BL`` (``after_step()`` run without grad after each,
+    e.g. a projection); returns the loss before the first step and after the last (equal when ``steps`` is 0).
+    The adaptation loop of :class:`Rewirer` and :class:`moekit.adapt.dynamic_eval.DynamicEvaluator`."""
+    before = None
+    with torch.enable_grad():
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            loss = next_token_loss(model, ids_BL, pad_id)
+            if step == 0:
+                before = float(loss.detach())
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+    with torch.no_grad():
+        after = float(next_token_loss(model, ids_BL, pad_id))
+    return (after if before is None else before), after
+
 class Rewirer:
     """Online adaptation of the router logit offsets of ``model`` (see the module docstring for the method and
     the defaults).
@@ -255,26 +277,16 @@ class Rewirer:
         was_training = self.model.training
         self.model.eval()
         offsets = self.offsets
-        before = after = float("nan")
         try:
-            with frozen_weights(self.model), torch.enable_grad():
-                for step in range(self.steps):
-                    self._optimizer.zero_grad(set_to_none=True)
-                    loss = next_token_loss(self.model, ids_BL, self.pad_id)
-                    if step == 0:
-                        before = float(loss.detach())
-                    loss.backward()
-                    self._optimizer.step()
-                    if self.max_norm is not None:
-                        with torch.no_grad():
-                            for t in offsets:
-                                norm = t.norm()
-                                if norm > self.max_norm:
-                                    t.mul_(self.max_norm / norm)
-            with torch.no_grad():
-                after = float(next_token_loss(self.model, ids_BL, self.pad_id))
-            if not self.steps:
-                before = after
+            def clip():
+                if self.max_norm is not None:
+                    for t in offsets:
+                        norm = t.norm()
+                        if norm > self.max_norm:
+                            t.mul_(self.max_norm / norm)
+
+            with frozen_weights(self.model):
+                before, after = descend(self.model, self._optimizer, ids_BL, self.steps, self.pad_id, clip)
         finally:
             self.model.train(was_training)
         change = self.routing_change(ids_BL) if self.report_routing else []
